@@ -1,0 +1,37 @@
+"""`python -m tda_core ...`: one subcommand module per area, each with a `register` function."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import UserError
+from .common import common_options
+
+COMMAND_MODULES = ("core",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tda_core",
+                                     description="Ensemble TDA Explorer: train, attribute, evaluate.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = common_options()
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user mistakes print one line and exit 2, never a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished artifacts are kept in the store", file=sys.stderr)
+        return 130
+    return 0

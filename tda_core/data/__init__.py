@@ -1,0 +1,5 @@
+"""Dataset registry. Importing this package registers every dataset."""
+from . import images  # noqa: F401  (registers mnist, digits, cifar2)
+from .base import REGISTRY, Dataset, DatasetInfo, SourceStatus, dataset_info, load_dataset, register
+
+__all__ = ["REGISTRY", "Dataset", "DatasetInfo", "SourceStatus", "dataset_info", "load_dataset", "register"]

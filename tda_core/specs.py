@@ -1,0 +1,146 @@
+"""Frozen, validated specs for every step: what to train, which ensemble, which method, how to evaluate.
+
+Invalid values raise `UserError` naming the valid choices. `spec_key(spec)` (store.py) turns
+any of them into a stable store key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .errors import UserError, unknown_choice
+
+OPTIMIZERS = ("sgd", "adam")
+ENSEMBLE_KINDS = ("naive", "dropout", "dropout-forward", "lora", "proj-seeds")
+METHODS = ("trak", "if", "grad-dot", "grad-cos")
+PROJECTIONS = ("dense", "kron", "none")
+MASK_MODES = ("fixed", "fresh")
+LORA_GRADIENTS = ("merged", "adapter")
+
+
+def _positive(name: str, value: Any, limit: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        raise UserError(f"{name}={value} is above the limit of {limit}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How one model is trained."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        if not self.lr > 0:
+            raise UserError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A dataset, a model architecture and its training recipe (e.g. `mnist-mlp`)."""
+
+    name: str
+    dataset: str
+    model: str
+    model_kwargs: tuple[tuple[str, Any], ...]
+    recipe: Recipe
+    sequence: bool = False  # True for next-token tasks (music)
+    description: str = ""
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleSpec:
+    """Which members are built from I base models.
+
+    naive: I members. dropout: I x D fixed-mask members. dropout-forward: I members whose
+    forward-only quantities average D masks. lora: I x L LoRA fine-tunes. proj-seeds: I x P
+    projection seeds (the control for projection noise).
+    """
+
+    kind: str = "naive"
+    I: int = 1  # noqa: E741 - the paper's name
+    D: int = 1
+    L: int = 1
+    P: int = 1
+    dropout_p: float | None = None  # None: the model's own rate
+    masks: str = "fixed"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_epochs: int = 3
+    lora_lr: float = 1e-3
+    lora_grad: str = "merged"
+    shared_projection: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENSEMBLE_KINDS:
+            raise unknown_choice("ensemble", self.kind, ENSEMBLE_KINDS)
+        for name in ("I", "D", "L", "P", "lora_rank", "lora_epochs"):
+            _positive(name, getattr(self, name), 1000)
+        if self.masks not in MASK_MODES:
+            raise unknown_choice("mask mode", self.masks, MASK_MODES)
+        if self.lora_grad not in LORA_GRADIENTS:
+            raise unknown_choice("LoRA gradient mode", self.lora_grad, LORA_GRADIENTS)
+        if self.dropout_p is not None and not 0.0 <= self.dropout_p < 1.0:
+            raise UserError(f"dropout_p must be in [0, 1), got {self.dropout_p}")
+
+    @property
+    def n_trained(self) -> int:
+        """Independently trained base models."""
+        return self.I
+
+    @property
+    def n_members(self) -> int:
+        """Members whose scores are averaged."""
+        per_model = {"naive": 1, "dropout": self.D, "dropout-forward": 1, "lora": self.L, "proj-seeds": self.P}
+        return self.I * per_model[self.kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A TDA method with its projection and damping (TRAK: lambda = damping * trace(K) / k)."""
+
+    name: str = "trak"
+    proj: str = "dense"
+    proj_dim: int = 2048
+    damping: float | None = 1.0  # relative damping c; None = tune on a validation split
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise unknown_choice("method", self.name, METHODS)
+        if self.proj not in PROJECTIONS:
+            raise unknown_choice("projection", self.proj, PROJECTIONS)
+        _positive("proj_dim", self.proj_dim)
+        if self.damping is not None and self.damping < 0:
+            raise UserError(f"damping must be >= 0 (or None to tune it), got {self.damping}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """LDS ground truth: M subsets of size alpha * n, R runs each, drawn from `seed`."""
+
+    M: int = 50
+    alpha: float = 0.5
+    runs: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("M", self.M, 10000)
+        _positive("runs", self.runs, 100)
+        if not 0.0 < self.alpha < 1.0:
+            raise UserError(f"alpha must be in (0, 1), got {self.alpha}")

@@ -1,0 +1,19 @@
+"""Shared fixtures: every test gets its own empty artifact store and data directory."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tda_core.store import Store
+
+
+@pytest.fixture(autouse=True)
+def _isolated_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("TDA_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("TDA_DATA_DIR", str(tmp_path / "data"))
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(tmp_path / "store")
