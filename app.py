@@ -1,0 +1,20 @@
+"""Ensemble TDA Explorer: `streamlit run app.py`. The entry point draws the shared sidebar and routes to pages."""
+from __future__ import annotations
+
+import streamlit as st
+
+from tda_core.ui_state import sidebar
+
+st.set_page_config(page_title="Ensemble TDA Explorer", page_icon=":material/hub:", layout="wide")
+
+PAGES = [
+    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/build.py", title="Build & attribute", icon=":material/construction:"),
+    st.Page("pages/browse.py", title="Attribution browser", icon=":material/image_search:"),
+    st.Page("pages/lds_cost.py", title="LDS vs cost", icon=":material/scatter_plot:"),
+    st.Page("pages/learn.py", title="Learn", icon=":material/school:"),
+]
+
+page = st.navigation(PAGES)
+sidebar()
+page.run()

@@ -1,0 +1,118 @@
+"""Attribution browser: a test example's proponents and opponents, two settings side by side, the reverse view."""
+from __future__ import annotations
+
+import dataclasses
+
+import streamlit as st
+
+from tda_core import explore
+from tda_core.specs import ENSEMBLE_KINDS
+from tda_core.ui_state import (KIND_LABELS, cached_dataset, cached_predictions, current_setting, friendly_errors,
+                               obtain_attribution, show_examples)
+
+st.title("Attribution browser")
+setting = current_setting()
+st.caption(f"**{setting.task.name}** · {setting.label} — change it in the sidebar")
+with friendly_errors("choose a task whose dataset is available (see Home), or download it with "
+                     "`python -m tda_core datasets --download NAME`"):
+    dataset = cached_dataset(setting.task.dataset)
+
+attribution = obtain_attribution(setting, "main")
+if attribution is None:
+    st.stop()
+scores = attribution.scores
+is_image = dataset.kind == "image"
+
+tab_one, tab_two, tab_reverse = st.tabs([":material/person_search: Proponents & opponents",
+                                         ":material/compare: Compare two settings",
+                                         ":material/swap_horiz: Reverse view"])
+
+# --- choose a test example -------------------------------------------------------------------------
+with st.sidebar:
+    st.markdown("### Test example")
+    table = explore.example_table(dataset, cached_predictions(setting) if is_image else None)
+    if "label" in table:
+        labels = st.multiselect("Class", sorted(table["label"].unique()), key="browse_labels")
+        correctness = st.radio("Prediction", ["all", "correct", "wrong"], horizontal=True, key="browse_correct")
+        with friendly_errors():
+            table = explore.filter_tests(table, labels, correctness)
+    if table.empty:
+        st.warning("No test example matches these filters; clear them.")
+        st.stop()
+    positions = table["position"].tolist()
+    if st.session_state.get("test_pos") not in positions:
+        st.session_state["test_pos"] = positions[0]
+    st.selectbox("Test example (position)", positions, key="test_pos",
+                 format_func=lambda p: explore.example_label(table, p))
+    k = st.slider("k (proponents / opponents shown)", 1, 20, 8, key="browse_k")
+test_pos = int(st.session_state["test_pos"])
+
+with tab_one:
+    left, right = st.columns([1, 4], gap="large")
+    with left:
+        st.markdown("**Test example**")
+        show_examples(dataset, "test", [test_pos], [explore.example_label(table, test_pos)], size=168)
+        if is_image:
+            with st.expander(f"Browse {len(table)} matching test examples"):
+                shown = positions[:48]
+                show_examples(dataset, "test", shown, [f"#{p}" for p in shown], size=56)
+    with right:
+        ranking = explore.top_k(scores, test_pos, k, dataset)
+        for role, title in (("proponent", "Top proponents — training examples that raise its target"),
+                            ("opponent", "Top opponents — training examples that lower it")):
+            rows = ranking[ranking["role"] == role]
+            st.markdown(f"**{title}**")
+            show_examples(dataset, "train", rows["position"].tolist(), [explore.caption(r) for _, r in rows.iterrows()])
+        with st.expander("As a table (label · source index = position in the original data · score)"):
+            st.dataframe(ranking, hide_index=True, width="stretch")
+
+# --- two settings side by side ------------------------------------------------------------------------
+with tab_two:
+    st.markdown("Compare the current setting with a second ensemble of the same task and method.")
+    c = st.columns(4)
+    kind_b = c[0].selectbox("Second ensemble", ENSEMBLE_KINDS, index=0, key="cmp_kind", format_func=KIND_LABELS.get)
+    i_b = c[1].number_input("I", 1, 50, 2, key="cmp_I")
+    budget_name = {"dropout": "D", "dropout-forward": "D", "lora": "L", "proj-seeds": "P"}.get(kind_b)
+    budget = c[2].number_input(budget_name or "members per model", 1, 50, 5, key="cmp_budget",
+                               disabled=budget_name is None)
+    with friendly_errors():
+        extra = {budget_name: int(budget)} if budget_name else {}
+        other = dataclasses.replace(setting, ensemble=dataclasses.replace(setting.ensemble, kind=kind_b, I=int(i_b),
+                                                                          **extra))
+    attribution_b = obtain_attribution(other, "compare")
+    if attribution_b is not None:
+        comparison = explore.compare(scores, attribution_b.scores, test_pos, k)
+        m = st.columns(3)
+        m[0].metric(f"Top-{k} proponents shared", f"{comparison.overlap} / {k}")
+        m[1].metric(f"Top-{k} opponents shared", f"{comparison.opponent_overlap} / {k}")
+        m[2].metric("Spearman of all scores", f"{comparison.spearman:.3f}",
+                    help="rank correlation of the two settings' scores over every training example")
+        cols = st.columns(2, gap="large")
+        for col, label, sc in ((cols[0], setting.label, scores), (cols[1], other.label, attribution_b.scores)):
+            with col:
+                st.markdown(f"**{label}**")
+                rows = explore.top_k(sc, test_pos, k, dataset)
+                rows = rows[rows["role"] == "proponent"]
+                show_examples(dataset, "train", rows["position"].tolist(),
+                              [explore.caption(r) for _, r in rows.iterrows()], size=72)
+
+# --- reverse view ------------------------------------------------------------------------------------
+with tab_reverse:
+    st.markdown("Pick a training example and see the test examples it helps and hurts most.")
+    default_train = int(explore.top_k(scores, test_pos, 1, dataset)["position"].iloc[0])
+    train_pos = st.number_input(f"Training example (position 0..{dataset.n_train - 1}; default: the top "
+                                "proponent of the chosen test example)", 0, dataset.n_train - 1, default_train,
+                                key="reverse_pos")
+    left, right = st.columns([1, 4], gap="large")
+    with left:
+        st.markdown("**Training example**")
+        show_examples(dataset, "train", [int(train_pos)], [explore.describe_example(dataset, "train", int(train_pos))],
+                      size=168)
+    with right:
+        reverse = explore.reverse_top_k(scores, int(train_pos), k, dataset)
+        for role, title in (("helps", "Test examples it helps most"), ("hurts", "Test examples it hurts most")):
+            rows = reverse[reverse["role"] == role]
+            st.markdown(f"**{title}**")
+            show_examples(dataset, "test", rows["position"].tolist(), [explore.caption(r) for _, r in rows.iterrows()])
+        with st.expander("As a table"):
+            st.dataframe(reverse, hide_index=True, width="stretch")

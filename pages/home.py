@@ -1,0 +1,61 @@
+"""Home: what TDA is, what each page does, the device, the datasets and what the store already holds."""
+from __future__ import annotations
+
+import streamlit as st
+
+from tda_core.explore import dataset_rows, store_overview
+from tda_core.store import Store
+from tda_core.ui_state import cached_device, current_setting
+
+st.title("Ensemble TDA Explorer")
+st.markdown(
+    "**Training data attribution (TDA)** asks which training examples made a model predict what it did "
+    "for a given test example. A method such as TRAK gives every (training, test) pair a score: positive "
+    "scores mark *proponents* that pushed the prediction up, negative scores *opponents*. Single models "
+    "give noisy scores; averaging over an **ensemble** makes them reliable, and this explorer measures how "
+    "cheap Dropout and LoRA ensembles get that reliability compared with training many models."
+)
+
+setting = current_setting()
+st.info(f"Current setting (edit it in the sidebar, it follows you across pages): "
+        f"**{setting.task.name}** · {setting.label}", icon=":material/tune:")
+
+st.subheader("Pages")
+cols = st.columns(4)
+PAGE_TEXT = [
+    ("pages/build.py", "Build & attribute", ":material/construction:",
+     "See the work a setting implies, run it with progress, then read its LDS and costs."),
+    ("pages/browse.py", "Attribution browser", ":material/image_search:",
+     "Pick a test example, see its proponents and opponents, compare two settings, or go in reverse."),
+    ("pages/lds_cost.py", "LDS vs cost", ":material/scatter_plot:",
+     "Every stored result: attribution quality against training, serving or space cost, with the frontier."),
+    ("pages/learn.py", "Learn", ":material/school:",
+     "Live small examples on digits: gradient similarity, ensembles, Dropout/LoRA members, LDS."),
+]
+for col, (path, title, icon, text) in zip(cols, PAGE_TEXT):
+    with col.container(border=True):
+        st.page_link(path, label=title, icon=icon)
+        st.caption(text)
+
+left, right = st.columns([1, 2])
+with left:
+    st.subheader("Device")
+    st.metric("Computing on", cached_device())
+    store = Store()
+    st.subheader("Store")
+    st.caption(f"`{store.root}` (set `TDA_STORE` to use another)")
+    overview = store_overview(store)
+    if overview.empty:
+        st.info("Nothing computed yet. Open **Build & attribute** to run the current setting.")
+    else:
+        st.dataframe(overview, hide_index=True, width="stretch")
+with right:
+    st.subheader("Datasets")
+    st.dataframe(dataset_rows(), hide_index=True, width="stretch",
+                 column_config={"where": st.column_config.TextColumn(width="large")})
+    results = store.read_table("results")
+    if not results.empty:
+        st.subheader(f"Results so far ({len(results)})")
+        cols = [c for c in ("task", "method", "proj", "kind", "I", "D", "L", "P", "lds", "train_s", "serve_s")
+                if c in results]
+        st.dataframe(results[cols].tail(8), hide_index=True, width="stretch")

@@ -1,0 +1,64 @@
+"""Model shapes, backward passes, declared dropout layers and LoRA targets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tda_core.errors import UserError
+from tda_core.models import build_model, n_parameters
+from tda_core.models.dropout import MaskableDropout, fixed_masks, mask_shapes, use_masks
+
+
+@pytest.mark.parametrize("kwargs, x_shape, n_params", [
+    ({"in_features": 784}, (4, 1, 28, 28), 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10),
+    ({"in_features": 64}, (4, 1, 8, 8), 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10),
+    ({"in_features": 3072, "n_classes": 2}, (4, 3, 32, 32), 3072 * 128 + 128 + 128 * 64 + 64 + 64 * 2 + 2),
+])
+def test_mlp_shapes_and_parameter_count(kwargs, x_shape, n_params):
+    model = build_model("mlp", **kwargs)
+    out = model(torch.rand(x_shape))
+    assert out.shape == (4, kwargs.get("n_classes", 10))
+    assert n_parameters(model) == n_params
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("width", [1.0, 0.25])
+def test_resnet9_shapes_and_backward(width):
+    model = build_model("resnet9", n_classes=2, width=width)
+    out = model(torch.rand(3, 3, 32, 32))
+    assert out.shape == (3, 2)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert isinstance(model.get_submodule("drop"), MaskableDropout)
+    assert "head" in model.lora_targets and "prep.0" in model.lora_targets
+
+
+def test_declared_layers_exist():
+    for model in (build_model("mlp"), build_model("resnet9", width=0.25)):
+        for name in model.dropout_layers:
+            assert isinstance(model.get_submodule(name), MaskableDropout)
+        for name in model.lora_targets:
+            assert isinstance(model.get_submodule(name), (torch.nn.Linear, torch.nn.Conv2d))
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(UserError, match="valid choices: mlp, resnet9"):
+        build_model("resnet50")
+
+
+def test_fixed_masks_are_reproducible_and_fix_a_subnetwork():
+    model = build_model("mlp", in_features=64).eval()
+    x = torch.rand(5, 1, 8, 8)
+    shapes = mask_shapes(model, x)
+    assert shapes == {"drop1": (128,), "drop2": (64,)}
+    rates = {"drop1": 0.5, "drop2": 0.5}
+    a, b, c = fixed_masks(shapes, rates, 3), fixed_masks(shapes, rates, 3), fixed_masks(shapes, rates, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["drop1"], c["drop1"])
+    assert set(a["drop1"].unique().tolist()) == {0.0, 2.0}
+    with use_masks(model, a):
+        batch = model(x)
+        single = torch.cat([model(x[i:i + 1]) for i in range(5)])
+    assert torch.allclose(batch, single, atol=1e-6)  # one sub-network for every example
+    assert model.drop1.mask is None  # restored after the block
+    assert not torch.allclose(batch, model(x))

@@ -1,0 +1,75 @@
+"""Training: accuracy thresholds, determinism, train_many == train, the store round trip."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tda_core.data import load_dataset
+from tda_core.data.base import sample_indices
+from tda_core.tasks import get_task
+from tda_core.training import evaluate, load_or_train, train, train_many
+
+
+def short(task_name: str, **recipe):
+    task = get_task(task_name)
+    return dataclasses.replace(task, recipe=dataclasses.replace(task.recipe, **recipe))
+
+
+def test_digits_mlp_reaches_90_percent():
+    task, ds = get_task("digits-mlp"), load_dataset("digits")
+    acc = evaluate(train(task, ds, seed=0), ds.x_test, ds.y_test, False)["accuracy"]
+    assert acc >= 0.90, acc
+
+
+def test_mnist_mlp_reaches_93_percent_on_embedded_mnist():
+    task, ds = get_task("mnist-mlp"), load_dataset("mnist")
+    acc = evaluate(train(task, ds, seed=0), ds.x_test, ds.y_test, False)["accuracy"]
+    assert acc >= 0.93, acc
+
+
+def test_training_is_deterministic_and_seed_dependent():
+    task, ds = short("digits-mlp", epochs=2), load_dataset("digits")
+    a, b, c = (train(task, ds, seed=s) for s in (5, 5, 6))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.fc1.weight, c.fc1.weight)
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.01), ("adam", 1e-3)])
+def test_train_many_equals_separate_runs(optimizer, lr):
+    task = short("digits-mlp", epochs=3, optimizer=optimizer, lr=lr, weight_decay=1e-4)
+    ds = load_dataset("digits")
+    seeds = [0, 1, 2]
+    subsets = [sample_indices(ds.n_train, 750, 100 + s) for s in seeds]
+    together = train_many(task, ds, seeds, subsets)
+    for seed, subset, model in zip(seeds, subsets, together):
+        alone = train(task, ds, seed, subset)
+        for (name, p), q in zip(alone.named_parameters(), model.parameters()):
+            assert torch.allclose(p, q, atol=1e-5, rtol=1e-4), name
+    assert not torch.allclose(together[0].fc1.weight, together[1].fc1.weight)
+
+
+def test_train_many_falls_back_for_batchnorm_models():
+    task = short("cifar2-resnet9-cpu", epochs=1, batch_size=8)
+    x = torch.rand(16, 3, 32, 32)
+    y = torch.randint(0, 2, (16,))
+    from tda_core.data.base import Dataset
+    ds = Dataset("tiny", "image", x, y, x[:4], y[:4], torch.arange(16), torch.arange(4), ("cat", "dog"), "test")
+    a, b = train_many(task, ds, [0, 1])
+    alone = train(task, ds, 1)
+    assert all(torch.equal(p, q) for p, q in zip(alone.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.head.weight, b.head.weight)
+
+
+def test_load_or_train_stores_then_loads(store):
+    task, ds = short("digits-mlp", epochs=2), load_dataset("digits")
+    first = load_or_train(task, [0, 1], store=store, dataset=ds)
+    assert [m.loaded for m in first] == [False, False]
+    second = load_or_train(task, [1, 0, 2], store=store, dataset=ds)
+    assert [m.loaded for m in second] == [True, True, False]
+    assert torch.equal(second[1].model.fc1.weight, first[0].model.fc1.weight)
+    assert second[0].metrics == first[1].metrics and second[0].train_s == first[1].train_s
+    half = load_or_train(task, [0], [np.arange(0, 1500, 2)], store=store, dataset=ds)
+    assert not half[0].loaded and half[0].key != first[0].key
