@@ -6,9 +6,9 @@ import dataclasses
 import streamlit as st
 
 from tda_core import explore
-from tda_core.specs import ENSEMBLE_KINDS
+from tda_core.specs import ENSEMBLE_KINDS, EnsembleSpec
 from tda_core.ui_state import (KIND_LABELS, cached_dataset, cached_predictions, current_setting, friendly_errors,
-                               obtain_attribution, show_examples)
+                               gallery, obtain_attribution, show_examples)
 
 st.title("Attribution browser")
 setting = current_setting()
@@ -44,27 +44,28 @@ with st.sidebar:
         st.session_state["test_pos"] = positions[0]
     st.selectbox("Test example (position)", positions, key="test_pos",
                  format_func=lambda p: explore.example_label(table, p))
-    k = st.slider("k (proponents / opponents shown)", 1, 20, 8, key="browse_k")
+    k = st.slider("k (proponents / opponents shown)", 1, 20, 8 if is_image else 4, key="browse_k")
 test_pos = int(st.session_state["test_pos"])
 
 with tab_one:
-    left, right = st.columns([1, 4], gap="large")
+    left, right = st.columns([1, 4], gap="large") if is_image else (st.container(), st.container())
     with left:
         st.markdown("**Test example**")
         show_examples(dataset, "test", [test_pos], [explore.example_label(table, test_pos)], size=168)
-        if is_image:
-            with st.expander(f"Browse {len(table)} matching test examples"):
-                shown = positions[:48]
-                show_examples(dataset, "test", shown, [f"#{p}" for p in shown], size=56)
     with right:
         ranking = explore.top_k(scores, test_pos, k, dataset)
         for role, title in (("proponent", "Top proponents — training examples that raise its target"),
                             ("opponent", "Top opponents — training examples that lower it")):
             rows = ranking[ranking["role"] == role]
             st.markdown(f"**{title}**")
-            show_examples(dataset, "train", rows["position"].tolist(), [explore.caption(r) for _, r in rows.iterrows()])
+            show_examples(dataset, "train", rows["position"].tolist(), [explore.caption(r) for _, r in rows.iterrows()],
+                          per_row=8)
         with st.expander("As a table (label · source index = position in the original data · score)"):
             st.dataframe(ranking, hide_index=True, width="stretch")
+    if is_image:
+        with st.expander(f":material/grid_view: Pick another test example: {len(table)} match the sidebar filters "
+                         "(select a row)"):
+            gallery(dataset, table, "test_gallery")
 
 # --- two settings side by side ------------------------------------------------------------------------
 with tab_two:
@@ -77,8 +78,8 @@ with tab_two:
                                disabled=budget_name is None)
     with friendly_errors():
         extra = {budget_name: int(budget)} if budget_name else {}
-        other = dataclasses.replace(setting, ensemble=dataclasses.replace(setting.ensemble, kind=kind_b, I=int(i_b),
-                                                                          **extra))
+        other = dataclasses.replace(setting, ensemble=EnsembleSpec(kind=kind_b, I=int(i_b), seed=setting.ensemble.seed,
+                                                                   **extra))
     attribution_b = obtain_attribution(other, "compare")
     if attribution_b is not None:
         comparison = explore.compare(scores, attribution_b.scores, test_pos, k)
@@ -94,7 +95,7 @@ with tab_two:
                 rows = explore.top_k(sc, test_pos, k, dataset)
                 rows = rows[rows["role"] == "proponent"]
                 show_examples(dataset, "train", rows["position"].tolist(),
-                              [explore.caption(r) for _, r in rows.iterrows()], size=72)
+                              [explore.caption(r) for _, r in rows.iterrows()], size=84, per_row=4 if is_image else 1)
 
 # --- reverse view ------------------------------------------------------------------------------------
 with tab_reverse:
@@ -103,7 +104,7 @@ with tab_reverse:
     train_pos = st.number_input(f"Training example (position 0..{dataset.n_train - 1}; default: the top "
                                 "proponent of the chosen test example)", 0, dataset.n_train - 1, default_train,
                                 key="reverse_pos")
-    left, right = st.columns([1, 4], gap="large")
+    left, right = st.columns([1, 4], gap="large") if is_image else (st.container(), st.container())
     with left:
         st.markdown("**Training example**")
         show_examples(dataset, "train", [int(train_pos)], [explore.describe_example(dataset, "train", int(train_pos))],
@@ -113,6 +114,7 @@ with tab_reverse:
         for role, title in (("helps", "Test examples it helps most"), ("hurts", "Test examples it hurts most")):
             rows = reverse[reverse["role"] == role]
             st.markdown(f"**{title}**")
-            show_examples(dataset, "test", rows["position"].tolist(), [explore.caption(r) for _, r in rows.iterrows()])
+            show_examples(dataset, "test", rows["position"].tolist(), [explore.caption(r) for _, r in rows.iterrows()],
+                          per_row=8)
         with st.expander("As a table"):
             st.dataframe(reverse, hide_index=True, width="stretch")

@@ -29,7 +29,7 @@ from .training import dataset_fingerprint, load_or_train, train_many
 GROUND_TRUTH_KIND = "ground_truth"
 SUBSET_TARGETS_KIND = "ground_truth_models"
 COUNTERFACTUAL_KIND = "counterfactual"
-DEFAULT_CHUNK = 25
+DEFAULT_CHUNK = 50
 
 
 # --- ground truth ------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def run_seed(spec: EvalSpec, j: int, r: int) -> int:
 
 
 @torch.no_grad()
-def test_targets(model: nn.Module, dataset: Dataset, sequence: bool, batch_size: int = 1024) -> torch.Tensor:
+def target_values(model: nn.Module, dataset: Dataset, sequence: bool, batch_size: int = 1024) -> torch.Tensor:
     """Target (margin or mean token log-likelihood) of every test example under `model` [n_test]."""
     device = next(model.parameters()).device
     model.eval()
@@ -92,6 +92,18 @@ def _model_key(task: TaskSpec, dataset: Dataset, spec: EvalSpec, j: int, r: int,
     # M and R are left out so a larger ground truth reuses the models of a smaller one.
     return spec_key({"task": task, "data": dataset_fingerprint(dataset), "alpha": spec.alpha, "seed": spec.seed,
                      "subset": j, "run": r, "device": device.type})
+
+
+def missing_models(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None,
+                   device: str | torch.device = "auto", dataset: Dataset | None = None) -> int:
+    """How many of the M x R subset models a ground truth still has to train."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    store = store or Store()
+    dataset = dataset or load_dataset(task.dataset)
+    if store.has(GROUND_TRUTH_KIND, _gt_key(task, dataset, spec, device)):
+        return 0
+    return sum(not store.has(SUBSET_TARGETS_KIND, _model_key(task, dataset, spec, j, r, device))
+               for j in range(spec.M) for r in range(spec.runs))
 
 
 def ground_truth(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None, device: str | torch.device = "auto",
@@ -131,7 +143,7 @@ def ground_truth(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None, 
                             device)
         per_model_s = (time.perf_counter() - t0) / len(part)
         for (j, r), model in zip(part, models):
-            values[(j, r)] = test_targets(model, dataset, task.sequence)
+            values[(j, r)] = target_values(model, dataset, task.sequence)
             store.save(SUBSET_TARGETS_KIND, keys[(j, r)], {"targets": values[(j, r)]},
                        {"task": task.name, "subset": j, "run": r, "seed": run_seed(spec, j, r),
                         "train_s": per_model_s, "trained_together": len(part), "device": device.type})

@@ -30,10 +30,10 @@ def _check(index: int, n: int, what: str) -> None:
 
 
 def _label(dataset: Dataset, y: torch.Tensor) -> str:
-    """A readable label: the class name, or 'sequence' for music windows."""
+    """A readable label: the class name, or 'window' for music windows."""
     if y.dim() == 0 and dataset.class_names:
         return dataset.class_names[int(y)]
-    return "sequence"
+    return "window"
 
 
 def top_k(scores: np.ndarray | torch.Tensor, test_pos: int, k: int, dataset: Dataset) -> pd.DataFrame:
@@ -81,10 +81,6 @@ class Comparison:
     opponent_overlap: int  # same for the top-k opponents
     spearman: float  # rank correlation of the two score columns over the whole training set
 
-    @property
-    def overlap_fraction(self) -> float:
-        return self.overlap / self.k
-
 
 def compare(scores_a: np.ndarray | torch.Tensor, scores_b: np.ndarray | torch.Tensor,
             test_pos: int, k: int) -> Comparison:
@@ -103,22 +99,13 @@ def compare(scores_a: np.ndarray | torch.Tensor, scores_b: np.ndarray | torch.Te
                       float(rho) if np.isfinite(rho) else 0.0)
 
 
-def column_spearman(scores_a: np.ndarray | torch.Tensor, scores_b: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Per test example, the Spearman correlation of two score matrices' columns."""
-    a, b = as_numpy(scores_a), as_numpy(scores_b)
-    ra = np.argsort(np.argsort(a, axis=0), axis=0).astype(np.float64)
-    rb = np.argsort(np.argsort(b, axis=0), axis=0).astype(np.float64)
-    ra -= ra.mean(0)
-    rb -= rb.mean(0)
-    denom = np.sqrt((ra ** 2).sum(0) * (rb ** 2).sum(0))
-    return np.divide((ra * rb).sum(0), denom, out=np.zeros(a.shape[1]), where=denom > 0)
-
-
 def member_agreement(member_scores: list[np.ndarray | torch.Tensor]) -> pd.DataFrame:
     """Mean over test examples of the column Spearman between every pair of members and with their mean.
 
     Returns a square table indexed by 'member 1'..'member n' and 'average'.
     """
+    from .evaluation import columnwise_spearman
+
     mats = [as_numpy(m) for m in member_scores]
     if not mats:
         raise UserError("no members to compare")
@@ -127,7 +114,7 @@ def member_agreement(member_scores: list[np.ndarray | torch.Tensor]) -> pd.DataF
     table = np.ones((len(mats), len(mats)))
     for i in range(len(mats)):
         for j in range(i + 1, len(mats)):
-            table[i, j] = table[j, i] = column_spearman(mats[i], mats[j]).mean()
+            table[i, j] = table[j, i] = np.nanmean(columnwise_spearman(mats[i], mats[j]))
     return pd.DataFrame(table, index=names, columns=names)
 
 
@@ -170,13 +157,27 @@ def thumbnail(image: np.ndarray, size: int = 84) -> np.ndarray:
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
 
 
+def png_data_uri(image: np.ndarray) -> str:
+    """A uint8 image as a PNG data URI (for image columns of tables)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def thumbnails(dataset: Dataset, split: str, positions: list[int] | np.ndarray, size: int = 84) -> list[np.ndarray]:
     """Crisp thumbnails of several examples of one split."""
     return [thumbnail(dataset.image(split, int(p)), size) for p in positions]
 
 
-def caption(row: pd.Series | dict) -> str:
-    """A short caption for a top-k row: label, source index and score."""
+def caption(row: pd.Series | dict, compact: bool = False) -> str:
+    """A caption for a top-k row: label, source index and score (compact: label and score)."""
+    if compact:
+        return f"{row['label']} · {row['score']:+.2g}"
     return f"{row['label']} · #{row['source_index']} · {row['score']:+.3g}"
 
 
@@ -223,9 +224,190 @@ def describe_example(dataset: Dataset, split: str, position: int) -> str:
 def example_label(table: pd.DataFrame, position: int) -> str:
     """A selector label for a row of `example_table`: position, label and, when known, the prediction."""
     row = table.set_index("position").loc[position]
-    text = f"{position}"
+    text = f"{position} · #{row['source_index']}"
     if "label" in row:
         text += f" · label {row['label']}"
     if "predicted" in row:
         text += f" · predicted {row['predicted']}" + ("" if row["correct"] else " ✗")
     return text
+
+
+def hub_share(scores: np.ndarray | torch.Tensor, k: int) -> float:
+    """Distinct training examples among all test examples' top-k proponents, as a share of the most possible.
+
+    Near 0: the same few training examples top every list (typical of Grad-Dot's large-gradient
+    outliers); near 1: every test example gets its own proponents.
+    """
+    s = as_numpy(scores)
+    k = max(1, min(k, s.shape[0]))
+    top = np.argpartition(-s, k - 1, axis=0)[:k]
+    return len(np.unique(top)) / min(s.shape[0], k * s.shape[1])
+
+
+def lds_scatter(scores: np.ndarray | torch.Tensor, subsets: np.ndarray | torch.Tensor,
+                values: np.ndarray | torch.Tensor, test_pos: int) -> tuple[pd.DataFrame, float]:
+    """For one test example: predicted (sum of its scores over each subset) vs actual (target of the model
+    trained on that subset), one row per subset, and their Spearman correlation (that example's LDS)."""
+    from .evaluation import datamodel_predictions
+
+    s = as_numpy(scores)
+    _check(test_pos, s.shape[1], "test")
+    predicted = datamodel_predictions(s[:, [test_pos]], np.asarray(subsets))[:, 0]
+    actual = np.asarray(values, dtype=np.float64)[:, test_pos]
+    rho = spearmanr(predicted, actual).statistic
+    frame = pd.DataFrame({"subset": np.arange(len(actual)), "predicted": predicted, "actual": actual})
+    return frame, float(rho) if np.isfinite(rho) else float("nan")
+
+
+def has_ground_truth(task, spec, store, device: str = "auto") -> bool:  # noqa: ANN001 - TaskSpec, EvalSpec, Store
+    """True when the ground truth of (task, spec) is already in the store (so showing LDS costs nothing)."""
+    from .evaluation import missing_models
+
+    return missing_models(task, spec, store=store, device=device) == 0
+
+
+def lds_ladder(member_scores: list[np.ndarray | torch.Tensor], truth) -> pd.DataFrame:  # noqa: ANN001 - GroundTruth
+    """LDS (mean, sem) of the average of the first 1, 2, ... n members against a ground truth."""
+    from .evaluation import lds_against
+
+    rows, total = [], None
+    for n, scores in enumerate(member_scores, start=1):
+        total = as_numpy(scores) if total is None else total + as_numpy(scores)
+        result = lds_against(total / n, truth)
+        rows.append({"members averaged": n, "LDS": round(result.mean, 3), "± sem": round(result.sem, 3)})
+    return pd.DataFrame(rows)
+
+
+def counterfactual_frame(task, scores: np.ndarray | torch.Tensor, test_pos: int, k: int,
+                         progress=None) -> tuple[pd.DataFrame, str]:  # noqa: ANN001 - TaskSpec, Progress
+    """Run the counterfactual check for one test example and return (one row per removal, a summary sentence)."""
+    from .evaluation import counterfactual
+
+    result = counterfactual(task, as_numpy(scores)[:, test_pos], test_pos, k, progress=progress)
+    n_random = len(result.random_changes)
+    frame = pd.DataFrame({"removed": [f"top-{k} proponents"] + [f"{k} random examples"] * n_random,
+                          "change": [result.top_change, *result.random_changes.tolist()]})
+    summary = (f"Margin with the full training set: **{result.base:.2f}**. Without the top-{k} proponents: "
+               f"**{result.top_change:+.2f}**; without {k} random examples: **{result.random_mean:+.2f}** on average "
+               f"over {n_random} draws ({result.fraction_random_below:.0%} of random draws lowered "
+               f"it as much). Averaged over training seeds {result.seeds}.")
+    return frame, summary
+
+
+def base_predictions(task, ensemble, store=None) -> np.ndarray:  # noqa: ANN001 - TaskSpec, EnsembleSpec, Store
+    """Predicted test classes of an ensemble's first base model (from the store; trained if missing)."""
+    from .data import load_dataset
+    from .ensembles import base_seeds
+    from .training import load_or_train
+
+    dataset = load_dataset(task.dataset)
+    (first,) = load_or_train(task, base_seeds(ensemble)[:1], store=store, dataset=dataset)
+    return predict(first.model, dataset.x_test)
+
+
+def breakdown_table(costs) -> pd.DataFrame:  # noqa: ANN001 - a Costs record
+    """The named seconds of a cost breakdown, largest first."""
+    rows = [{"step": name.removesuffix("_s").replace("_", " "), "seconds": round(float(v), 3)}
+            for name, v in costs.breakdown.items() if isinstance(v, (int, float))]
+    return pd.DataFrame(rows, columns=["step", "seconds"]).sort_values("seconds", ascending=False)
+
+
+def seconds_per_model(attribution) -> float:  # noqa: ANN001 - an Attribution
+    """Seconds one base model of this attribution took to train (as recorded when it was trained)."""
+    costs = attribution.costs
+    return costs.breakdown.get("base_train_s", costs.train_s) / max(1, costs.n_trained)
+
+
+# --- results table (LDS vs cost) ---------------------------------------------------------------------
+SETTING_COLUMNS = ("task", "method", "proj", "proj_dim", "ensemble", "I", "D", "L", "P", "shared_projection",
+                   "damping")
+
+
+def results_frame(store) -> pd.DataFrame:  # noqa: ANN001 - a Store
+    """The store's results table (last row per setting) with its `series` (ensemble kind, shared projection
+    marked) and a readable `setting` label per row."""
+    from .experiments import RESULTS_TABLE, series_label
+
+    frame = store.read_table(RESULTS_TABLE)
+    if frame.empty:
+        return frame
+    if "setting_key" in frame:
+        frame = frame.drop_duplicates("setting_key", keep="last")
+    frame = frame.assign(series=frame.apply(series_label, axis=1), budget=frame.apply(_budget, axis=1))
+    return frame.assign(setting=frame.apply(_setting_label, axis=1)).reset_index(drop=True)
+
+
+def _budget(row: pd.Series) -> str:
+    """'I2 D5' and the like: the ensemble's size in a few characters."""
+    extra = {"dropout": "D", "dropout-forward": "D", "lora": "L", "proj-seeds": "P"}.get(row["ensemble"])
+    return f"I{row['I']}" + (f" {extra}{row[extra]}" if extra else "")
+
+
+def _setting_label(row: pd.Series) -> str:
+    return f"{row['method']} ({row['proj']}) · {row['series']} {row['budget']}"
+
+
+def filter_results(frame: pd.DataFrame, methods: list[str] | None = None, projections: list[str] | None = None,
+                   series: list[str] | None = None) -> pd.DataFrame:
+    """Rows whose method, projection and series are among the chosen ones (empty choice = all)."""
+    keep = pd.Series(True, index=frame.index)
+    for column, chosen in (("method", methods), ("proj", projections), ("series", series)):
+        if chosen:
+            keep &= frame[column].astype(str).isin(chosen)
+    return frame[keep]
+
+
+def lds_cost_figure(frame: pd.DataFrame, x: str, log_x: bool = False):  # noqa: ANN201 - plotly Figure
+    """Scatter of LDS against a cost column: colour = ensemble series, symbol = method, hover = the full
+    setting; the Pareto frontier as a dotted step line; the projection-seed control in grey."""
+    import plotly.express as px
+    import plotly.graph_objects as go
+
+    from .experiments import COST_LABELS, SERIES_COLORS, pareto
+
+    hover = {c: True for c in (*SETTING_COLUMNS, "lds_sem", "n_eval", "train_s", "serve_s", "space_bytes",
+                               "n_members", "device") if c in frame}
+    hover.update({"method": False})
+    fig = px.scatter(frame, x=x, y="lds", color="series", symbol="method", error_y="lds_sem", text="budget",
+                     hover_name="setting", hover_data=hover, log_x=log_x, color_discrete_map=SERIES_COLORS,
+                     labels={x: COST_LABELS[x], "lds": "LDS", "series": "ensemble"})
+    fig.update_traces(marker=dict(size=12, line=dict(width=1, color="white")), error_y=dict(thickness=1, width=3),
+                      textposition="middle right", textfont=dict(size=11, color="#555"))
+    front = pareto(frame, x)
+    fig.add_trace(go.Scatter(x=front[x], y=front["lds"], mode="lines", name="Pareto frontier", hoverinfo="skip",
+                             line=dict(color="#222", dash="dot", shape="hv", width=1.5)))
+    fig.update_layout(height=520, template="plotly_white", legend=dict(title=None),
+                      margin=dict(l=10, r=10, t=30, b=10), yaxis_title="LDS (higher is better)")
+    return fig
+
+
+def results_display(frame: pd.DataFrame) -> pd.DataFrame:
+    """The results table for people: setting columns first, LDS and costs rounded, bytes readable."""
+    out = frame.drop(columns=["setting", "series", "budget", "setting_key"], errors="ignore")
+    out = out.round({"lds": 3, "lds_sem": 3, "lds_validation": 3, "train_s": 2, "serve_s": 2})
+    if "space_bytes" in out:
+        out.insert(out.columns.get_loc("space_bytes"), "space", out["space_bytes"].map(human_bytes))
+        out = out.drop(columns=["space_bytes"])
+    return out.sort_values("lds", ascending=False)
+
+
+def is_recorded(result, store) -> bool:  # noqa: ANN001 - experiments.Result, Store
+    """True when the result's setting already has a row in the results table."""
+    from .experiments import RESULTS_TABLE
+
+    table = store.read_table(RESULTS_TABLE)
+    return "setting_key" in table and result.setting_key in set(table["setting_key"])
+
+
+def record(result, store) -> None:  # noqa: ANN001 - experiments.Result, Store
+    """Append a result's row to the results table (read by the LDS vs cost page)."""
+    from .experiments import RESULTS_TABLE
+
+    store.append_rows(RESULTS_TABLE, [result.row()])
+
+
+def all_stored(task, settings, store) -> bool:  # noqa: ANN001 - TaskSpec, [(MethodSpec, EnsembleSpec)], Store
+    """True when every (method, ensemble) attribution of `task` is already in the store."""
+    from .attribution import scores_stored
+
+    return all(scores_stored(task, method, ensemble, store) for method, ensemble in settings)

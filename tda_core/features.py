@@ -21,6 +21,7 @@ import hashlib
 import math
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,11 @@ DENSE_BLOCK_ENTRIES = 1 << 22  # entries per generated block of the dense JL mat
 KRON_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 
+def masked(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> AbstractContextManager:
+    """`use_masks` when there are masks, else nothing (models wrapped by peft hide their dropout names)."""
+    return use_masks(model, masks) if masks else nullcontext()
+
+
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts (stable across runs, platforms and devices)."""
     text = "/".join(map(str, parts))
@@ -48,6 +54,8 @@ class GradientSource:
 
     `masks` are fixed masks (no batch dimension, shared by all examples) or, when
     `per_example_masks`, one mask per example (first dimension = examples of the split).
+    `average_masks` (dropout-forward, mask-mean form): the target and p are means over these
+    fixed masks' forward passes, differentiated once.
     """
 
     model: nn.Module
@@ -55,6 +63,7 @@ class GradientSource:
     sequence: bool
     masks: Mapping[str, torch.Tensor] | None = None
     per_example_masks: bool = False
+    average_masks: Sequence[Mapping[str, torch.Tensor]] = ()
 
     def params(self) -> dict[str, torch.Tensor]:
         named = dict(self.model.named_parameters())
@@ -178,7 +187,8 @@ class _KronLayer:
         return k_out * k_in
 
 
-def _layer_dims(module: nn.Module) -> tuple[int, int]:
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(out side, in side) of a layer's weight gradient; the in side counts a bias column."""
     bias = 1 if getattr(module, "bias", None) is not None else 0
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features + bias
@@ -217,7 +227,7 @@ class KronProjection:
         self.layers: list[_KronLayer] = []
         for name, module in zip(names, modules):
             if id(module) in fired:
-                self.layers.append(_KronLayer(name, module, *_layer_dims(module)))
+                self.layers.append(_KronLayer(name, module, *layer_dims(module)))
             else:  # called functionally (e.g. inside nn.MultiheadAttention): no hook fires
                 self.uncovered += sum(p.numel() for p in module.parameters(recurse=False))
         if not self.layers:
@@ -259,7 +269,7 @@ def _modules_called(source: GradientSource, modules: list[nn.Module], probe: tup
     fired: set[int] = set()
     hooks = [m.register_forward_hook(lambda mod, i, o: fired.add(id(mod))) for m in modules]
     try:
-        with torch.no_grad(), use_masks(source.model, source.masks_for(slice(0, 1), device)):
+        with torch.no_grad(), masked(source.model, source.masks_for(slice(0, 1), device)):
             source.model(probe[0][:1].to(device))
     finally:
         for h in hooks:
@@ -281,10 +291,14 @@ def _vmap_grads(source: GradientSource, device: torch.device):
              if n not in source.param_names}
 
     def f(params, x, y, masks):
-        with use_masks(model, masks):
-            logits = functional_call(model, {**fixed, **params}, (x.unsqueeze(0),))
         y1 = y.unsqueeze(0)
-        return target(logits, y1, source.sequence).sum(), _p_or_nan(logits, y1, source.sequence)[0]
+        values, probs = [], []
+        for m in source.average_masks or (masks,):
+            with masked(model, m):
+                logits = functional_call(model, {**fixed, **params}, (x.unsqueeze(0),))
+            values.append(target(logits, y1, source.sequence).sum())
+            probs.append(_p_or_nan(logits, y1, source.sequence)[0])
+        return torch.stack(values).mean(), torch.stack(probs).mean()
 
     mask_dims = 0 if source.per_example_masks else None
     per_sample = vmap(grad(f, has_aux=True), in_dims=(None, 0, 0, mask_dims))
@@ -356,13 +370,17 @@ def _kron_step(source: GradientSource, kron: KronProjection):
             calls.append((by_module[id(mod)], inputs[0].detach(), output))
 
         hooks = [la.module.register_forward_hook(hook) for la in kron.layers]
+        values, probs = [], []
         try:
-            with use_masks(model, masks):
-                logits = model(x)
+            for m in source.average_masks or (masks,):
+                with masked(model, m):
+                    logits = model(x)
+                values.append(target(logits, y, source.sequence))
+                probs.append(_p_or_nan(logits.detach(), y, source.sequence))
         finally:
             for h in hooks:
                 h.remove()
-        total = target(logits, y, source.sequence).sum()
+        total = torch.stack(values).mean(0).sum()
         gouts = torch.autograd.grad(total, [out for _, _, out in calls])
         t0 = time.perf_counter()
         parts: dict[str, torch.Tensor] = {}
@@ -370,6 +388,6 @@ def _kron_step(source: GradientSource, kron: KronProjection):
             feat = kron.layer_features(la, inp, gout.detach())
             parts[la.name] = feat if la.name not in parts else parts[la.name] + feat
         phi = torch.cat([parts[la.name] for la in kron.layers], dim=1)
-        return phi, _p_or_nan(logits.detach(), y, source.sequence), time.perf_counter() - t0
+        return phi, torch.stack(probs).mean(0), time.perf_counter() - t0
 
     return run

@@ -16,6 +16,9 @@ METHODS = ("trak", "if", "grad-dot", "grad-cos")
 PROJECTIONS = ("dense", "kron", "none")
 MASK_MODES = ("fixed", "fresh")
 LORA_GRADIENTS = ("merged", "adapter")
+HESSIANS = ("fisher", "exact")
+DENSE_KINDS = ("gaussian", "rademacher")
+FORWARD_GRADIENTS = ("plain", "mask-mean")
 
 
 def _positive(name: str, value: Any, limit: int | None = None) -> None:
@@ -84,15 +87,21 @@ class EnsembleSpec:
     lora_lr: float = 1e-3
     lora_grad: str = "merged"
     shared_projection: bool = False
+    forward_grad: str = "plain"  # dropout-forward: plain gradient, or gradient of the mask-averaged target
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ENSEMBLE_KINDS:
             raise unknown_choice("ensemble", self.kind, ENSEMBLE_KINDS)
-        for name in ("I", "D", "L", "P", "lora_rank", "lora_epochs"):
+        for name in ("I", "D", "L", "P", "lora_rank"):
             _positive(name, getattr(self, name), 1000)
+        if not isinstance(self.lora_epochs, int) or self.lora_epochs < 0:
+            raise UserError(f"lora_epochs must be a non-negative integer (0 = adapter left at B = 0), "
+                            f"got {self.lora_epochs!r}")
         if self.masks not in MASK_MODES:
             raise unknown_choice("mask mode", self.masks, MASK_MODES)
+        if self.forward_grad not in FORWARD_GRADIENTS:
+            raise unknown_choice("dropout-forward gradient", self.forward_grad, FORWARD_GRADIENTS)
         if self.lora_grad not in LORA_GRADIENTS:
             raise unknown_choice("LoRA gradient mode", self.lora_grad, LORA_GRADIENTS)
         if self.dropout_p is not None and not 0.0 <= self.dropout_p < 1.0:
@@ -112,13 +121,20 @@ class EnsembleSpec:
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """A TDA method with its projection and damping (TRAK: lambda = damping * trace(K) / k)."""
+    """A TDA method with its projection and damping (TRAK: lambda = damping * trace(K) / k).
+
+    proj: dense JL, per-layer Kronecker JL (kron) or none (exact gradients). For kron, proj_dim
+    is split evenly over the covered layers. hessian (IF only): empirical Fisher in feature
+    space, or the exact Hessian by conjugate gradient (needs proj 'none'; small models).
+    """
 
     name: str = "trak"
     proj: str = "dense"
     proj_dim: int = 2048
     damping: float | None = 1.0  # relative damping c; None = tune on a validation split
     seed: int = 0
+    dense_kind: str = "gaussian"
+    hessian: str = "fisher"
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -126,6 +142,12 @@ class MethodSpec:
         if self.proj not in PROJECTIONS:
             raise unknown_choice("projection", self.proj, PROJECTIONS)
         _positive("proj_dim", self.proj_dim)
+        if self.dense_kind not in DENSE_KINDS:
+            raise unknown_choice("dense projection", self.dense_kind, DENSE_KINDS)
+        if self.hessian not in HESSIANS:
+            raise unknown_choice("Hessian", self.hessian, HESSIANS)
+        if self.hessian == "exact" and (self.name != "if" or self.proj != "none"):
+            raise UserError("the exact Hessian is an IF option on exact gradients: use --method if --proj none")
         if self.damping is not None and self.damping < 0:
             raise UserError(f"damping must be >= 0 (or None to tune it), got {self.damping}")
 

@@ -5,6 +5,7 @@ from torch import nn
 
 from .errors import unknown_choice
 from .models import build_model
+from .models.music_transformer import CPU_SIZE, PAPER_SIZE
 from .specs import Recipe, TaskSpec
 
 MNIST_RECIPE = Recipe(epochs=50, batch_size=64, lr=0.01, optimizer="sgd", momentum=0.9)
@@ -32,6 +33,13 @@ register_task(TaskSpec("cifar2-resnet9", "cifar2", "resnet9", (("n_classes", 2),
 register_task(TaskSpec("cifar2-resnet9-cpu", "cifar2", "resnet9", (("n_classes", 2), ("width", 0.25)),
                        Recipe(epochs=20, batch_size=128, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4),
                        description="CIFAR-2 + ResNet-9 at width 0.25 (0.41M parameters; CPU-sized)"))
+register_task(TaskSpec("chorales-mt", "chorales", "music-transformer", tuple(CPU_SIZE.items()),
+                       Recipe(epochs=2, batch_size=8, lr=3e-3, optimizer="adam"), sequence=True,
+                       description="Bach chorales + Music Transformer, CPU size (0.16M parameters, 2 layers, "
+                                   "relative attention; about a minute to train on 2 cores)"))
+register_task(TaskSpec("maestro-mt", "maestro", "music-transformer", tuple(PAPER_SIZE.items()),
+                       Recipe(epochs=20, batch_size=32, lr=3e-4, optimizer="adam"), sequence=True,
+                       description="MAESTRO + Music Transformer as in the benchmark (13.1M parameters; meant for a GPU)"))
 
 
 def get_task(name: str) -> TaskSpec:

@@ -43,7 +43,7 @@ def test_declared_layers_exist():
 
 
 def test_unknown_model_lists_choices():
-    with pytest.raises(UserError, match="valid choices: mlp, resnet9"):
+    with pytest.raises(UserError, match="valid choices: mlp, music-transformer, resnet9"):
         build_model("resnet50")
 
 

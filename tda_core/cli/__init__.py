@@ -9,7 +9,7 @@ import sys
 from ..errors import UserError
 from .common import common_options
 
-COMMAND_MODULES = ("core",)
+COMMAND_MODULES = ("core", "attribution", "evaluation", "music")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -187,26 +187,32 @@ def midi_bytes(midi: pretty_midi.PrettyMIDI) -> bytes:
     return buf.getvalue()
 
 
-def windows(tokens: np.ndarray, length: int = WINDOW, min_fill: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cut one piece's tokens into next-token windows: x (n, length) inputs padded with PAD, y (n, length)
-    next tokens padded with IGNORE, and each window's token offset. Windows start every `length` tokens;
-    a final window with fewer than `min_fill * length` targets is dropped."""
-    xs, ys, offsets = [], [], []
-    for start in range(0, max(len(tokens) - 1, 0), length):
-        chunk = tokens[start:start + length + 1]
-        n = len(chunk) - 1
-        if n < min_fill * length:
-            continue
-        x = np.full(length, PAD, dtype=np.int64)
-        y = np.full(length, IGNORE, dtype=np.int64)
-        x[:n], y[:n] = chunk[:-1], chunk[1:]
-        xs.append(x)
-        ys.append(y)
-        offsets.append(start)
-    if not xs:
-        empty = np.zeros((0, length), dtype=np.int64)
-        return empty, empty.copy(), np.zeros(0, dtype=np.int64)
-    return np.stack(xs), np.stack(ys), np.asarray(offsets, dtype=np.int64)
+def window_starts(n_tokens: int, length: int = WINDOW, min_fill: float = 0.5) -> np.ndarray:
+    """Token offsets of the windows of a piece of `n_tokens` tokens: one every `length` tokens, dropping a
+    final window with fewer than `min_fill * length` next-token targets."""
+    starts = np.arange(0, max(n_tokens - 1, 0), length, dtype=np.int64)
+    return starts[np.minimum(n_tokens - 1 - starts, length) >= min_fill * length]
+
+
+def cut_window(tokens: np.ndarray, start: int, length: int = WINDOW) -> tuple[np.ndarray, np.ndarray]:
+    """One next-token window at `start`: x (length,) inputs padded with PAD, y (length,) targets padded
+    with IGNORE."""
+    chunk = np.asarray(tokens[start:start + length + 1], dtype=np.int64)
+    n = max(len(chunk) - 1, 0)
+    x = np.full(length, PAD, dtype=np.int64)
+    y = np.full(length, IGNORE, dtype=np.int64)
+    x[:n], y[:n] = chunk[:n], chunk[1:]
+    return x, y
+
+
+def windows(tokens: np.ndarray, length: int = WINDOW,
+            min_fill: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All windows of one piece: x (n, length), y (n, length) and their token offsets (n,)."""
+    starts = window_starts(len(tokens), length, min_fill)
+    pairs = [cut_window(tokens, int(s), length) for s in starts]
+    x = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, length), dtype=np.int64)
+    y = np.stack([p[1] for p in pairs]) if pairs else np.zeros((0, length), dtype=np.int64)
+    return x, y, starts
 
 
 def window_tokens(x: Sequence[int] | np.ndarray, y: Sequence[int] | np.ndarray) -> np.ndarray:

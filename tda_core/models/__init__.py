@@ -8,9 +8,10 @@ from torch import nn
 
 from ..errors import unknown_choice
 from .mlp import MLP
+from .music_transformer import MusicTransformer
 from .resnet9 import ResNet9
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "resnet9": ResNet9}
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "resnet9": ResNet9, "music-transformer": MusicTransformer}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

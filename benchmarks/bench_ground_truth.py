@@ -1,0 +1,49 @@
+"""Seconds for an LDS ground truth (M subset models, each on alpha of the training set), from scratch.
+
+Usage: python benchmarks/bench_ground_truth.py [--task mnist-mlp] [--M 50] [--chunk 25] [--threads 2]
+                                               [--device cpu] [--chunks 25,50]
+Runs `tda_core.evaluation.ground_truth` on a fresh temporary store (nothing cached) once per chunk size
+and prints the wall time, seconds per model, the CPU threads and the load average before and after
+(other processes on the machine slow it down; the goal is under 2 minutes for embedded MNIST on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+from tda_core.device import describe_device, resolve_device
+from tda_core.evaluation import ground_truth
+from tda_core.specs import EvalSpec
+from tda_core.store import Store
+from tda_core.tasks import get_task
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="mnist-mlp")
+    parser.add_argument("--M", type=int, default=50)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--chunks", default="50", help="comma-separated chunk sizes (models trained at once)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task, spec, device = get_task(args.task), EvalSpec(M=args.M, alpha=args.alpha), resolve_device(args.device)
+    print(f"{task.name}: {spec.M} subsets of alpha={spec.alpha} on {describe_device(device)}; "
+          f"cores visible {len(os.sched_getaffinity(0))}; load average {os.getloadavg()[0]:.2f}")
+    for chunk in (int(c) for c in args.chunks.split(",")):
+        with tempfile.TemporaryDirectory() as root:
+            t0 = time.perf_counter()
+            truth = ground_truth(task, spec, store=Store(root), device=device, chunk=chunk)
+            wall = time.perf_counter() - t0
+        print(f"chunk {chunk:3d}: {wall:7.1f} s wall, {wall / spec.M:.2f} s per model, targets "
+              f"{tuple(truth.targets.shape)}, load average after {os.getloadavg()[0]:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

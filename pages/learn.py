@@ -1,0 +1,157 @@
+"""Learn: training data attribution explained with live small examples on 8x8 digits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import plotly.express as px
+import streamlit as st
+
+from tda_core import explore
+from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec
+from tda_core.store import Store
+from tda_core.tasks import get_task
+from tda_core.ui_state import (StreamlitProgress, cached_attribution_of, cached_dataset, cached_ground_truth,
+                               friendly_errors, show_examples)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TASK = get_task("digits-mlp")
+TRAK = MethodSpec("trak", proj="kron", proj_dim=2048)
+SEEDS = (0, 1, 2, 3, 4)
+EVAL = EvalSpec(M=50, alpha=0.5)
+
+st.title("Learn: what training data attribution is, and why ensembles")
+st.markdown("Every example below runs live on scikit-learn's 8x8 digits (1500 training, 297 test images) "
+            "with a small MLP, so each step takes seconds. Results are stored, so a second visit is instant.")
+dataset = cached_dataset(TASK.dataset)
+test_pos = st.slider("Test digit used in every example below (position in the test set)", 0, dataset.n_test - 1, 7,
+                     key="learn_test")
+show_examples(dataset, "test", [test_pos], [explore.describe_example(dataset, "test", test_pos)], size=96)
+
+LIVE = [(MethodSpec("grad-dot"), EnsembleSpec("naive", I=1)), (MethodSpec("grad-cos"), EnsembleSpec("naive", I=1))]
+LIVE += [(TRAK, EnsembleSpec("naive", I=1, seed=s)) for s in SEEDS]
+live = st.session_state.get("learn_live") or explore.all_stored(TASK, LIVE, Store())
+if not live:
+    st.info(f"The live examples train {len(SEEDS)} small MLPs on digits and attribute with them: seconds on a free "
+            "machine, a minute or two on two busy cores. They are stored, so this happens once.",
+            icon=":material/play_circle:")
+    live = st.button("Start the live examples", type="primary", key="learn_start")
+    st.session_state["learn_live"] = live
+
+
+def attribution(method: MethodSpec, ensemble: EnsembleSpec):  # noqa: ANN201 - Attribution
+    with friendly_errors():
+        return cached_attribution_of(TASK, method, ensemble, StreamlitProgress("Training and attributing"))
+
+
+def top_row(scores, k: int = 6, size: int = 64) -> None:  # noqa: ANN001
+    rows = explore.top_k(scores, test_pos, k, dataset)
+    rows = rows[rows["role"] == "proponent"]
+    show_examples(dataset, "train", rows["position"].tolist(),
+                  [explore.caption(r, compact=size < 64) for _, r in rows.iterrows()], size=size)
+
+
+# --- 1 -------------------------------------------------------------------------------------------------
+st.header("1 · Gradient similarity: Grad-Dot and Grad-Cos", divider="gray")
+st.markdown("Training on example *i* moves the weights along minus the gradient of its loss. To first order, "
+            "that changes the test example's target *f* (its margin) by the inner product of the two gradients. "
+            "**Grad-Dot** scores exactly that; **Grad-Cos** divides by both lengths, so training examples with "
+            "huge gradients (badly fit, odd-looking ones) stop dominating every list.")
+st.latex(r"\text{Grad-Dot}(i, z) = \nabla_\theta \ell(z_i)^\top \nabla_\theta f(z) \qquad "
+         r"\text{Grad-Cos}(i, z) = \frac{\nabla_\theta \ell(z_i)^\top \nabla_\theta f(z)}"
+         r"{\lVert\nabla_\theta \ell(z_i)\rVert\,\lVert\nabla_\theta f(z)\rVert}")
+cols = st.columns(2, gap="large") if live else []
+for col, name in zip(cols, ("grad-dot", "grad-cos")):
+    with col:
+        att = attribution(MethodSpec(name), EnsembleSpec("naive", I=1))
+        st.markdown(f"**{'Grad-Dot' if name == 'grad-dot' else 'Grad-Cos'}: top proponents**")
+        top_row(att.scores)
+        st.metric("Distinct training examples among all test digits' top-10",
+                  f"{explore.hub_share(att.scores, 10):.0%}",
+                  help="low = the same few training examples top almost every list")
+
+# --- 2 -------------------------------------------------------------------------------------------------
+st.header("2 · One model is not enough", divider="gray")
+st.markdown("A neural network's loss is not convex: models trained with different seeds end in different minima, "
+            "and gradient-based attribution, a local linearisation, changes with the minimum. Below, TRAK on five "
+            "models that differ only in their seed. Their rankings disagree; their **average** is the ensemble "
+            "score, and it agrees with every member better than the members agree with each other.")
+members = [attribution(TRAK, EnsembleSpec("naive", I=1, seed=s)).scores for s in SEEDS] if live else []
+if members:
+    agreement = explore.member_agreement(members)
+    left, right = st.columns([2, 3], gap="large")
+    with left:
+        fig = px.imshow(agreement.round(2), text_auto=True, color_continuous_scale="Blues", zmin=0, zmax=1,
+                        title="Spearman of scores, mean over test digits")
+        fig.update_layout(height=380, margin=dict(l=10, r=10, t=50, b=10), coloraxis_showscale=False)
+        st.plotly_chart(fig, width="stretch")
+    with right:
+        for s, scores in zip(SEEDS[:3], members[:3]):
+            st.markdown(f"Model seed {s}")
+            top_row(scores, k=6, size=56)
+        st.markdown("**Average of the five**")
+        top_row(sum(members) / len(members), k=6, size=56)
+
+# --- 3 -------------------------------------------------------------------------------------------------
+st.header("3 · Cheaper members: Dropout and LoRA ensembles", divider="gray")
+st.image(str(ASSETS / "ensembles.svg"), width="stretch")
+st.markdown(
+    "Training is the expensive part of a naive ensemble. A **Dropout Ensemble** trains I models and makes D "
+    "members of each by switching off a fixed random set of units (the same mask for the training and the test "
+    "gradients of that member). A **LoRA Ensemble** fine-tunes L small low-rank adapters on each trained model. "
+    "Both give I x D (or I x L) members for the training cost of I models; the forward-only Dropout variant also "
+    "keeps serving close to one member.")
+st.info("**The projection-seed control.** Each TRAK member projects its gradients with its own random matrix, so "
+        "averaging members also averages projection noise, with no model diversity at all. The `proj-seeds` "
+        "ensemble (same I models, P projection seeds, nothing else changed) measures that part; an ensemble only "
+        "adds real diversity where it beats this control on the LDS vs cost page.", icon=":material/science:")
+
+if not members:
+    st.caption("Start the live examples at the top to see sections 1, 2, 4 and 5 computed.")
+    st.stop()
+
+# --- 4 -------------------------------------------------------------------------------------------------
+st.header("4 · What LDS measures", divider="gray")
+st.markdown(f"Train {EVAL.M} models, each on a random half of the training set, and record each one's margin on "
+            "the test digit. A good attribution predicts those outcomes: the predicted value for a subset is the "
+            "sum of the scores of the training examples in it. The **linear datamodeling score (LDS)** is the "
+            "Spearman rank correlation between predicted and actual, averaged over test examples.")
+store = Store()
+if explore.has_ground_truth(TASK, EVAL, store) or st.button(
+        f"Train the {EVAL.M} subset models (about 10-30 s on 2 CPU cores)", key="learn_gt", type="primary"):
+    with friendly_errors():
+        truth = cached_ground_truth(TASK, EVAL, StreamlitProgress("Training the subset models"))
+    average = sum(members) / len(members)
+    left, right = st.columns(2, gap="large")
+    for col, title, scores in ((left, "One model (seed 0)", members[0]), (right, "Average of five", average)):
+        frame, rho = explore.lds_scatter(scores, truth.subsets, truth.values, test_pos)
+        fig = px.scatter(frame, x="predicted", y="actual", hover_data=["subset"],
+                         title=f"{title}: Spearman {rho:.2f} for this digit",
+                         labels={"predicted": "predicted (sum of scores in the subset)",
+                                 "actual": "actual margin of the subset model"})
+        fig.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
+        col.plotly_chart(fig, width="stretch")
+    ladder = explore.lds_ladder(members, truth)
+    st.markdown("LDS over all test digits as members are averaged (mean ± standard error):")
+    st.dataframe(ladder, hide_index=True)
+else:
+    st.caption("Press the button to compute the ground truth; it is stored and reused by every page.")
+
+# --- 5 -------------------------------------------------------------------------------------------------
+st.header("5 · Counterfactual check", divider="gray")
+st.markdown("The direct test of an attribution: remove the test digit's top-k proponents from the training set, "
+            "retrain (same seeds), and compare the change in its margin with removing k random training examples.")
+k_cf = st.select_slider("k (training examples removed)", [10, 20, 50, 100], value=50, key="learn_cf_k")
+if st.button("Remove and retrain (a few seconds)", key="learn_cf"):
+    average = sum(members) / len(members)
+    with friendly_errors():
+        progress = StreamlitProgress("Retraining without them")
+        result = explore.counterfactual_frame(TASK, average, test_pos, k_cf, progress=progress)
+        progress.finish()
+    frame, summary = result
+    fig = px.strip(frame, x="change", y="removed", color="removed", stripmode="overlay",
+                   title="Change of the test digit's margin after retraining",
+                   labels={"change": "margin change (negative = the prediction got less confident)", "removed": ""})
+    fig.update_traces(marker=dict(size=14))
+    fig.update_layout(height=260, showlegend=False, margin=dict(l=10, r=10, t=50, b=10))
+    st.plotly_chart(fig, width="stretch")
+    st.markdown(summary)

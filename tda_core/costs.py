@@ -1,0 +1,51 @@
+"""Cost accounting attached to every attribution: training and serving seconds, bytes, counts.
+
+Serving seconds are reported two ways, both honest: `serve_s` is what the full computation
+costs (cached training-set features count with the seconds recorded when they were first
+computed), `serve_now_s` is the wall clock this call actually took (less when served from
+the store).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@dataclasses.dataclass
+class Costs:
+    """What one attribution cost. Training excludes ground-truth retraining."""
+
+    train_s: float  # base models + fine-tuning, as recorded when they were trained
+    serve_s: float  # features + scoring + combination of the full computation
+    space_bytes: int  # stored checkpoints / adapters + cached training-set features
+    n_trained: int
+    n_members: int
+    device: str
+    breakdown: dict[str, float]  # grads_s, project_s, gen_s, solve_s, finetune_s, base_train_s, ...
+    serve_now_s: float = 0.0  # wall clock actually spent serving in this call
+    from_store: bool = False  # True when the score matrix itself was read from the store
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Ledger:
+    """Accumulates named seconds and bytes while an attribution runs."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def add(self, timings: dict[str, float], prefix: str = "") -> None:
+        for name, s in timings.items():
+            self.seconds[prefix + name] += s
+
+    @contextmanager
+    def time(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0

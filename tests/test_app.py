@@ -1,0 +1,273 @@
+"""The Streamlit explorer, page by page, with streamlit's AppTest on small precomputed digits fixtures.
+
+A session fixture trains tiny digits models (2 epochs) and stores attributions, a ground truth and
+results rows, all through the real tda_core API; every test then opens pages against that store
+and checks what is shown, including the error paths.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tda_core import tasks
+from tda_core.attribution import attribute
+from tda_core.evaluation import ground_truth
+from tda_core.experiments import RESULTS_TABLE, run
+from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec, Recipe
+from tda_core.store import Store
+
+TRAK = MethodSpec("trak", proj="kron", proj_dim=2048)  # the app's default method
+MAIN = EnsembleSpec("dropout", I=1, D=2)
+OTHER = EnsembleSpec("naive", I=1)
+EVAL = EvalSpec(M=50, alpha=0.5)  # the Build and Learn pages' default
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+TIMEOUT = 120
+STATE = {"task": "digits-mlp", "kind": "dropout", "I": 1, "D": 2, "cmp_kind": "naive", "cmp_I": 1}
+
+
+@pytest.fixture(scope="session")
+def tiny_task():
+    """digits-mlp with a 2-epoch recipe, registered under its own name for the whole session."""
+    original = tasks.TASKS["digits-mlp"]
+    tiny = dataclasses.replace(original, recipe=Recipe(epochs=2, batch_size=64, lr=0.05))
+    tasks.TASKS["digits-mlp"] = tiny
+    yield tiny
+    tasks.TASKS["digits-mlp"] = original
+
+
+@pytest.fixture(scope="session")
+def filled_store(tmp_path_factory, tiny_task):
+    """A store holding what the pages show for the tiny digits task (computed by the real core)."""
+    store = Store(tmp_path_factory.mktemp("app-store"))
+    truth = ground_truth(tiny_task, EVAL, store=store)
+    for ensemble in (MAIN, OTHER, EnsembleSpec("proj-seeds", I=1, P=2)):
+        store.append_rows(RESULTS_TABLE, [run(tiny_task, TRAK, ensemble, EVAL, store=store, truth=truth).row()])
+    for name in ("grad-dot", "grad-cos"):  # the Learn page's examples
+        attribute(tiny_task, MethodSpec(name), OTHER, store=store)
+    for seed in range(5):
+        attribute(tiny_task, TRAK, EnsembleSpec("naive", I=1, seed=seed), store=store)
+    return store
+
+
+@pytest.fixture
+def app_store(filled_store, monkeypatch):
+    monkeypatch.setenv("TDA_STORE", str(filled_store.root))
+    return filled_store
+
+
+def open_page(page: str | None = None, **state) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    for key, value in {**STATE, **state}.items():
+        at.session_state[key] = value
+    if page:
+        at.switch_page(f"pages/{page}.py")
+    return at.run()
+
+
+def captions(at: AppTest) -> list[str]:
+    return [img.caption for element in at.get("image") for img in element.proto.imgs]
+
+
+def table_with(at: AppTest, column: str, value) -> pd.DataFrame:
+    """The first table shown whose `column` holds `value`."""
+    return next(d.value for d in at.dataframe if column in d.value and value in set(d.value[column]))
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def test_home_shows_device_datasets_and_store(app_store):
+    at = open_page()
+    assert not at.exception
+    assert at.title[0].value == "Ensemble TDA Explorer"
+    assert "Computing on" in [m.label for m in at.metric]
+    datasets = at.dataframe[1].value
+    assert {"digits", "mnist", "cifar2"} <= set(datasets["dataset"])
+    assert datasets.set_index("dataset").loc["digits", "status"] == "embedded"
+    kinds = set(at.dataframe[0].value["kind"])
+    assert {"checkpoints", "features", "scores", "ground_truth"} <= kinds
+    assert "Results so far (3)" in [s.value for s in at.subheader]
+
+
+def test_home_on_an_empty_store_says_where_to_start(tiny_task):
+    at = open_page()
+    assert not at.exception
+    assert "Nothing computed yet" in texts(at.info)
+
+
+def test_browser_shows_proponents_and_opponents(app_store):
+    at = open_page("browse", test_pos=5, browse_k=4)
+    assert not at.exception, at.exception
+    assert not at.error
+    table = table_with(at, "role", "proponent")
+    assert list(table["role"]) == ["proponent"] * 4 + ["opponent"] * 4
+    assert table["score"].iloc[:4].is_monotonic_decreasing and table["score"].iloc[0] > table["score"].iloc[-1]
+    shown = captions(at)
+    for _, row in table.iterrows():  # every ranked example is drawn with label, source index and score
+        assert f"{row['label']} · #{row['source_index']} · {row['score']:+.3g}" in shown
+
+
+def test_browser_compares_two_settings(app_store):
+    at = open_page("browse", test_pos=5, browse_k=4)
+    labels = [m.label for m in at.metric]
+    assert "Top-4 proponents shared" in labels and "Spearman of all scores" in labels
+    shared = next(m.value for m in at.metric if m.label == "Top-4 proponents shared")
+    assert shared.endswith("/ 4") and 0 <= int(shared.split("/")[0]) <= 4
+    rho = float(next(m.value for m in at.metric if m.label == "Spearman of all scores"))
+    assert -1.0 <= rho <= 1.0
+
+
+def test_browser_reverse_view_lists_test_examples(app_store):
+    at = open_page("browse", test_pos=5, browse_k=3, reverse_pos=10)
+    reverse = table_with(at, "role", "helps")
+    assert list(reverse["role"]) == ["helps"] * 3 + ["hurts"] * 3
+    assert reverse["score"].iloc[0] >= reverse["score"].iloc[2]
+
+
+def test_browser_filters_test_examples(app_store):
+    at = open_page("browse", browse_labels=["3"], browse_correct="all")
+    assert not at.exception
+    options = at.selectbox(key="test_pos").options
+    assert options and all("label 3" in o for o in options)
+
+
+def test_browser_computes_a_missing_setting_on_request(app_store):
+    at = open_page("browse", kind="naive", I=1, seed=9, browse_k=3)  # seed 9: no stored model
+    assert not at.exception
+    assert "Not computed yet" in texts(at.info)
+    assert "1 model(s) to train (0 stored)" in texts(at.info).replace("**", "")
+    assert not at.get("image")
+    at.button(key="compute-main").click().run()
+    assert not at.exception, at.exception
+    assert len(table_with(at, "role", "proponent")) == 6 and len(captions(at)) >= 7
+
+
+def test_build_shows_plan_costs_and_lds(app_store):
+    at = open_page("build")
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Models to train"] == "0" and metrics["Members"] == "2"
+    assert metrics["Trained / members"] == "1 / 2"
+    assert float(metrics["LDS"].split(" ± ")[0]) > -1
+    assert "in the results table" in texts(at.caption)
+
+
+def test_build_without_ground_truth_offers_to_compute_it(app_store):
+    at = open_page("build", build_alpha=0.3)  # no subset model of this size is stored
+    assert not at.exception
+    assert "No ground truth yet for M=50, alpha=0.3" in texts(at.info)
+    assert "Compute the ground truth" in [b.label for b in at.button]
+
+
+def test_build_with_an_impossible_budget_says_what_fits(app_store, monkeypatch):
+    monkeypatch.setenv("TDA_MEMORY_BUDGET_GB", "0.000001")
+    at = open_page("build")
+    assert not at.exception
+    assert "memory budget" in texts(at.error) and "Next step" in texts(at.error)
+    assert "Run" not in [b.label for b in at.button]
+
+
+def test_missing_dataset_is_a_message_not_a_traceback(app_store):
+    at = open_page("browse", task="cifar2-mlp")
+    assert not at.exception
+    assert "CIFAR-10 not found" in texts(at.error) and "--download" in texts(at.error)
+
+
+def test_lds_cost_plots_and_filters_results(app_store):
+    at = open_page("lds_cost")
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == 1
+    assert len(at.dataframe[0].value) == 3
+    at.multiselect(key="lc_series").set_value(["proj-seeds"]).run()
+    assert len(at.dataframe[0].value) == 1 and at.dataframe[0].value["ensemble"].iloc[0] == "proj-seeds"
+    assert at.selectbox(key="lc_x").options == ["training seconds", "serving seconds", "space (bytes)",
+                                                 "independently trained models", "members"]
+
+
+def test_lds_cost_on_an_empty_store_explains_how_to_fill_it(tiny_task):
+    at = open_page("lds_cost")
+    assert not at.exception
+    assert "No results in the store yet" in texts(at.info)
+    assert "Run the sweep" in [b.label for b in at.button]
+
+
+def test_learn_runs_its_live_examples(app_store):
+    at = open_page("learn", learn_test=3)
+    assert not at.exception, at.exception
+    assert [h.value for h in at.header][:5] == [
+        "1 · Gradient similarity: Grad-Dot and Grad-Cos", "2 · One model is not enough",
+        "3 · Cheaper members: Dropout and LoRA ensembles", "4 · What LDS measures", "5 · Counterfactual check"]
+    assert len(at.get("plotly_chart")) == 3  # member agreement + two LDS scatters (ground truth is stored)
+    ladder = at.dataframe[0].value
+    assert list(ladder["members averaged"]) == [1, 2, 3, 4, 5]
+    at.select_slider(key="learn_cf_k").set_value(10)
+    at.button(key="learn_cf").click().run()
+    assert not at.exception, at.exception
+    assert "Without the top-10 proponents" in texts(at.markdown)
+
+
+def test_learn_on_an_empty_store_waits_for_the_start_button(tiny_task):
+    at = open_page("learn")
+    assert not at.exception
+    assert [b.label for b in at.button] == ["Start the live examples"]
+    assert "3 · Cheaper members: Dropout and LoRA ensembles" in [h.value for h in at.header]
+    assert not at.get("plotly_chart")  # nothing computed behind the user's back
+
+
+# --- the computations behind the pages ------------------------------------------------------------------
+def test_top_k_and_reverse_follow_the_score_matrix():
+    import numpy as np
+
+    from tda_core.data import load_dataset
+    from tda_core.explore import reverse_top_k, top_k
+
+    digits = load_dataset("digits")
+    scores = np.random.default_rng(0).normal(size=(digits.n_train, digits.n_test))
+    ranked = top_k(scores, 4, 3, digits)
+    assert list(ranked["position"][:3]) == list(np.argsort(-scores[:, 4])[:3])
+    assert list(ranked["position"][3:]) == list(np.argsort(scores[:, 4])[:3])
+    assert list(ranked["source_index"]) == [int(digits.train_index[p]) for p in ranked["position"]]
+    assert list(ranked["label"]) == [str(int(digits.y_train[p])) for p in ranked["position"]]
+    reverse = reverse_top_k(scores, 9, 2, digits)
+    assert list(reverse["position"][:2]) == list(np.argsort(-scores[9])[:2])
+
+
+def test_compare_counts_overlap_and_rank_correlation():
+    import numpy as np
+
+    from tda_core.explore import compare, member_agreement
+
+    a = np.arange(20, dtype=float)[:, None] * np.ones((1, 3))
+    same, reversed_ = compare(a, a * 2 + 1, 0, 5), compare(a, -a, 0, 5)
+    assert (same.overlap, same.opponent_overlap, same.spearman) == (5, 5, 1.0)
+    assert (reversed_.overlap, reversed_.spearman) == (0, -1.0)
+    table = member_agreement([a, a, -a])
+    assert table.loc["member 1", "member 2"] == 1.0 and table.loc["member 1", "member 3"] == -1.0
+    assert list(table.index) == ["member 1", "member 2", "member 3", "average"]
+
+
+def test_hub_share_separates_shared_from_distinct_proponents():
+    import numpy as np
+
+    from tda_core.explore import hub_share
+
+    shared = np.zeros((100, 10))
+    shared[:3] = 1.0  # the same three examples top every column
+    distinct = np.zeros((100, 10))
+    distinct[np.arange(10) * 3, np.arange(10)] = 1.0
+    assert hub_share(shared, 3) == pytest.approx(3 / 30)
+    assert hub_share(distinct, 1) == 1.0
+
+
+def test_settings_from_urls_keep_only_valid_values():
+    from tda_core.ui_state import make_setting, values_from_query
+
+    values = values_from_query({"task": "digits-mlp", "kind": "lora", "I": "2", "L": "99", "method": "nope"})
+    assert values == {"task": "digits-mlp", "kind": "lora", "I": 2}
+    setting = make_setting(values)
+    assert (setting.ensemble.kind, setting.ensemble.I, setting.ensemble.D) == ("lora", 2, 1)  # D stays default

@@ -1,0 +1,162 @@
+"""The public API and the `attribute` command: caching, costs, damping sweeps, budgets, sequences."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from tda_core.attribution import FEATURE_KIND, SCORE_KIND, attribute, plan
+from tda_core.cli import main
+from tda_core.data import REGISTRY, Dataset, DatasetInfo, SourceStatus, load_dataset
+from tda_core.errors import UserError
+from tda_core.models import MODELS
+from tda_core.objectives import IGNORE
+from tda_core.specs import EnsembleSpec, MethodSpec, Recipe, TaskSpec
+from tda_core.tasks import TASKS, get_task
+
+TINY = dataclasses.replace(get_task("digits-mlp"), recipe=Recipe(epochs=2, batch_size=64, lr=0.01))
+POS = torch.arange(4)
+
+
+def test_naive_trak_costs_indices_and_resume(store):
+    method = MethodSpec("trak", "dense", proj_dim=128)
+    result = attribute(TINY, method, EnsembleSpec("naive", I=2), store=store, device="cpu", test_positions=POS)
+    ds = load_dataset("digits")
+    assert result.scores.shape == (ds.n_train, 4) and result.scores.dtype == torch.float32
+    assert torch.equal(result.train_index, ds.train_index) and torch.equal(result.test_index, ds.test_index[:4])
+    assert result.members == ["model seed 0", "model seed 1"] and result.damping == 1.0
+    c = result.costs
+    assert c.n_trained == 2 and c.n_members == 2 and c.train_s > 0 and c.serve_s > 0 and not c.from_store
+    assert {"grads_s", "project_s", "gen_s", "solve_s"} <= set(c.breakdown)
+    features = store.keys(FEATURE_KIND)
+    assert len(features) == 2
+    assert c.space_bytes >= sum(store.load(FEATURE_KIND, k).nbytes for k in features)
+    assert store.has(SCORE_KIND, result.key)
+
+    again = attribute(TINY, method, EnsembleSpec("naive", I=2), store=store, device="cpu", test_positions=POS)
+    assert again.costs.from_store and torch.equal(again.scores, result.scores)
+    assert again.costs.serve_s == pytest.approx(c.serve_s)
+
+    # other dampings: a new score matrix, but the training-set features come from the cache
+    swept = attribute(TINY, method, EnsembleSpec("naive", I=2), store=store, device="cpu", test_positions=POS,
+                      dampings=[0.1, 10.0])
+    assert store.keys(FEATURE_KIND) == features
+    assert set(swept.scores_by_damping) == {0.1, 1.0, 10.0}
+    assert torch.allclose(swept.scores_by_damping[1.0], result.scores, atol=1e-6)
+    assert swept.costs.serve_s >= swept.costs.serve_now_s * 0.5  # recorded train-side seconds are included
+    single = attribute(TINY, dataclasses.replace(method, damping=10.0), EnsembleSpec("naive", I=2), store=store,
+                       device="cpu", test_positions=POS)
+    assert torch.allclose(single.scores, swept.scores_by_damping[10.0], atol=1e-6)
+
+
+def test_plan_lists_work_and_refuses_what_does_not_fit(store, monkeypatch):
+    wp = plan(TINY, MethodSpec("trak", "kron", proj_dim=256), EnsembleSpec("dropout", I=2, D=3), store)
+    assert wp.models_to_train == [0, 1] and wp.models_stored == [] and len(wp.members) == 6 and wp.fits
+    assert wp.feature_dim <= 256 and "6 member(s)" in wp.describe()
+    monkeypatch.setenv("TDA_MEMORY_BUDGET_GB", "0.01")
+    big = plan(TINY, MethodSpec("trak", "none"), EnsembleSpec(), store)
+    assert not big.fits and "what would fit: --proj" in big.message
+    with pytest.raises(UserError, match="memory budget"):
+        attribute(TINY, MethodSpec("trak", "none"), EnsembleSpec(), store=store, device="cpu")
+
+
+def test_grad_methods_and_if_run_through_the_api(store):
+    for name in ("grad-dot", "grad-cos", "if"):
+        r = attribute(TINY, MethodSpec(name, "kron", proj_dim=256), EnsembleSpec(), store=store, device="cpu",
+                      test_positions=POS)
+        assert torch.isfinite(r.scores).all() and r.scores.shape[1] == 4
+        assert (r.damping is None) == (name != "if")
+    cos = attribute(TINY, MethodSpec("grad-cos", "kron", proj_dim=256), EnsembleSpec(), store=store, device="cpu",
+                    test_positions=POS)
+    assert float(cos.scores.abs().max()) <= 1.0 + 1e-5
+
+
+# --- a sequence task (Embedding + Linear, next-token targets with ignored positions) ------------
+class ToySeqModel(nn.Module):
+    dropout_layers = ()
+    lora_targets = ("mix", "head")
+
+    def __init__(self, vocab: int = 12, dim: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(self.emb(x))))
+
+
+def _toy_sequences(root, download) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 12, (70, 9), generator=g)
+    y = torch.roll(x, -1, dims=1)
+    y[:, -1] = IGNORE
+    return Dataset("toyseq", "sequence", x[:60], y[:60], x[60:], y[60:], torch.arange(60), torch.arange(60, 70),
+                   (), "synthetic")
+
+
+@pytest.fixture
+def toy_sequence_task(monkeypatch):
+    monkeypatch.setitem(MODELS, "toyseq", ToySeqModel)
+    monkeypatch.setitem(REGISTRY, "toyseq", DatasetInfo("toyseq", "sequence", "synthetic tokens", _toy_sequences,
+                                                        lambda root: SourceStatus("embedded", "test")))
+    return TaskSpec("toyseq", "toyseq", "toyseq", (), Recipe(epochs=2, batch_size=16, lr=1e-2, optimizer="adam"),
+                    sequence=True)
+
+
+@pytest.mark.parametrize("proj", ["kron", "dense", "none"])
+def test_sequence_task_through_every_projection(store, toy_sequence_task, proj):
+    r = attribute(toy_sequence_task, MethodSpec("trak", proj, proj_dim=64), EnsembleSpec("lora", L=1, lora_rank=2,
+                  lora_epochs=1), store=store, device="cpu")
+    assert r.scores.shape == (60, 10) and torch.isfinite(r.scores).all()
+
+
+def test_sequence_kron_and_exact_grad_dot_agree_when_factors_are_full(store, toy_sequence_task):
+    exact = attribute(toy_sequence_task, MethodSpec("grad-dot", "none"), EnsembleSpec(), store=store, device="cpu")
+    kron = attribute(toy_sequence_task, MethodSpec("grad-dot", "kron", proj_dim=10 ** 6), EnsembleSpec(),
+                     store=store, device="cpu")
+    assert torch.allclose(kron.scores, exact.scores, atol=1e-5, rtol=1e-4)
+
+
+# --- the command line ---------------------------------------------------------------------------
+@pytest.fixture
+def tiny_cli_task(monkeypatch):
+    monkeypatch.setitem(TASKS, "digits-mlp", TINY)
+
+
+def test_cli_prints_costs_and_top5_and_saves_scores(tiny_cli_task, tmp_path, capsys):
+    out = tmp_path / "scores.npz"
+    assert main(["attribute", "--task", "digits-mlp", "--method", "trak", "--ensemble", "dropout", "--I", "1",
+                 "--D", "2", "--proj", "kron", "--proj-dim", "256", "--n-test", "3", "--json",
+                 "--save-scores", str(out), "--device", "cpu"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_members"] == 2 and summary["n_trained"] == 1 and summary["serve_s"] > 0
+    assert len(summary["top"]) == 3 and len(summary["top"][0]["top_train_indices"]) == 5
+    saved = np.load(out)
+    ds = load_dataset("digits")
+    assert saved["scores"].shape == (ds.n_train, 3)
+    assert (saved["test_index"] == ds.test_index[:3].numpy()).all()
+    best = int(np.argmax(saved["scores"][:, 0]))
+    assert summary["top"][0]["top_train_indices"][0] == int(saved["train_index"][best])
+
+    st = tmp_path / "scores.safetensors"
+    assert main(["attribute", "--task", "digits-mlp", "--ensemble", "proj-seeds", "--P", "2", "--proj", "kron",
+                 "--proj-dim", "256", "--n-test", "3", "--save-scores", str(st), "--device", "cpu"]) == 0
+    assert "written to" in capsys.readouterr().out
+    assert load_file(str(st))["train_index"].shape == (ds.n_train,)
+
+
+def test_cli_errors_are_one_line(tiny_cli_task, capsys, monkeypatch):
+    assert main(["attribute", "--task", "digits-mlp", "--save-scores", "x.csv", "--proj", "kron", "--n-test", "2",
+                 "--device", "cpu"]) == 2
+    assert ".npz or .safetensors" in capsys.readouterr().err
+    monkeypatch.setenv("TDA_MEMORY_BUDGET_GB", "0.01")
+    assert main(["attribute", "--task", "digits-mlp", "--proj", "none", "--device", "cpu"]) == 2
+    assert "what would fit" in capsys.readouterr().err
+    assert main(["attribute", "--task", "digits-mlp", "--I", "0"]) == 2
+    assert main(["attribute", "--task", "digits-mlp", "--method", "trak", "--hessian", "exact"]) == 2

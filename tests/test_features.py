@@ -1,0 +1,149 @@
+"""Per-sample gradient features: exact gradients vs an autograd loop, Kronecker vs exact, JL properties."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tda_core.features import (
+    DenseProjection,
+    GradientSource,
+    KronProjection,
+    all_param_names,
+    compute_features,
+    kron_factor_dims,
+)
+from tda_core.models import MLP
+from tda_core.objectives import IGNORE, correct_probability, target
+
+
+class TinySeq(nn.Module):
+    """Embedding + Linear over (B, T) tokens, with a padding token: the music model's layer types."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(x))))
+
+
+class TinyConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+        self.conv2 = nn.Conv2d(3, 4, 2, bias=False)
+        self.head = nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv(x)))).flatten(1))
+
+
+def _loop_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sequence: bool) -> torch.Tensor:
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        target(model(x[i:i + 1]), y[i:i + 1], sequence).sum().backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    return torch.stack(rows)
+
+
+def _seq_data(n: int = 7, t: int = 5, vocab: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, vocab, (n, t), generator=g)
+    y = torch.randint(1, vocab, (n, t), generator=g)
+    y[:, -2:] = IGNORE
+    return x, y
+
+
+def _cases():
+    torch.manual_seed(0)
+    mlp = MLP(in_features=12, hidden=(9, 7), n_classes=4).eval()
+    xs, ys = torch.randn(8, 12), torch.randint(0, 4, (8,))
+    conv = TinyConv().eval()
+    xc, yc = torch.randn(6, 2, 7, 7), torch.randint(0, 5, (6,))
+    seq = TinySeq().eval()
+    xq, yq = _seq_data()
+    return [("mlp", mlp, xs, ys, False), ("conv", conv, xc, yc, False), ("seq", seq, xq, yq, True)]
+
+
+@pytest.mark.parametrize("name,model,x,y,sequence", _cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_exact_features_equal_autograd_loop(name, model, x, y, sequence):
+    src = GradientSource(model, all_param_names(model), sequence)
+    feats = compute_features(src, x, y, "none", chunk=3)
+    assert torch.allclose(feats.phi, _loop_grads(model, x, y, sequence), atol=1e-5, rtol=1e-4)
+    if sequence:
+        assert torch.isnan(feats.p).all()
+    else:
+        with torch.no_grad():
+            assert torch.allclose(feats.p, correct_probability(model(x), y), atol=1e-6)
+
+
+@pytest.mark.parametrize("name,model,x,y,sequence", _cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_kron_with_full_factors_gives_exact_inner_products(name, model, x, y, sequence):
+    """With factors as large as the layers (identity), Kronecker features are the exact layer gradients."""
+    src = GradientSource(model, all_param_names(model), sequence)
+    kron = KronProjection(src, 10 ** 6, seed=0, device=torch.device("cpu"), probe=(x, y))
+    assert kron.uncovered == 0
+    assert all(la.p_in is None and la.p_out is None for la in kron.layers)
+    exact = compute_features(src, x, y, "none").phi
+    feats = compute_features(src, x, y, "kron", kron=kron, chunk=4).phi
+    assert feats.shape[1] == exact.shape[1]
+    assert torch.allclose(feats @ feats.T, exact @ exact.T, atol=1e-5, rtol=1e-4)
+
+
+def test_kron_projection_preserves_inner_products_in_expectation():
+    """Averaged over projection seeds, projected inner products approach the exact ones (unbiased JL)."""
+    name, model, x, y, sequence = _cases()[2]
+    src = GradientSource(model, all_param_names(model), sequence)
+    exact = compute_features(src, x, y, "none").phi
+    want = exact @ exact.T
+    total = torch.zeros_like(want)
+    seeds = 300
+    for seed in range(seeds):
+        kron = KronProjection(src, 24, seed=seed, device=torch.device("cpu"), probe=(x, y))
+        f = compute_features(src, x, y, "kron", kron=kron).phi
+        total += f @ f.T
+    mean = total / seeds
+    assert all(la.p_in is not None for la in kron.layers)  # really projected
+    rel = (mean - want).norm() / want.norm()
+    assert rel < 0.1, float(rel)
+
+
+def test_dense_projection_is_seeded_blockwise_and_unbiased():
+    g = torch.randn(5, 3000)
+    a = DenseProjection(3000, 64, seed=3, device=torch.device("cpu"))
+    b = DenseProjection(3000, 64, seed=3, device=torch.device("cpu"), hold_bytes=0)  # regenerates blocks
+    assert not b.hold and a.hold
+    assert torch.allclose(a(g), b(g), atol=1e-4)
+    assert not torch.allclose(a(g), DenseProjection(3000, 64, seed=4, device=torch.device("cpu"))(g))
+    r = DenseProjection(3000, 64, seed=3, device=torch.device("cpu"), distribution="rademacher").matrix()
+    assert torch.allclose(r.abs(), torch.full_like(r, 1 / 8))
+    want = g @ g.T
+    mean = sum(DenseProjection(3000, 64, seed=s, device=torch.device("cpu"))(g) @
+               DenseProjection(3000, 64, seed=s, device=torch.device("cpu"))(g).T for s in range(50)) / 50
+    assert (mean - want).norm() / want.norm() < 0.1
+
+
+def test_kron_factor_dims_split_budget_and_cap_at_layer_size():
+    assert kron_factor_dims([(128, 785), (64, 129), (10, 65)], 2048) == [(26, 26), (26, 26), (10, 65)]
+    assert kron_factor_dims([(4, 3)], 10 ** 6) == [(4, 3)]
+
+
+def test_features_under_fixed_and_per_example_masks():
+    torch.manual_seed(0)
+    model = MLP(in_features=12, hidden=(9, 7), n_classes=4).eval()
+    x, y = torch.randn(6, 12), torch.randint(0, 4, (6,))
+    names = all_param_names(model)
+    masks = {"drop1": (torch.rand(9) > 0.5).float() * 2, "drop2": (torch.rand(7) > 0.5).float() * 2}
+    fixed = GradientSource(model, names, False, masks)
+    per_example = GradientSource(model, names, False, {k: v.expand(6, -1).clone() for k, v in masks.items()}, True)
+    a = compute_features(fixed, x, y, "none").phi
+    b = compute_features(per_example, x, y, "none", chunk=4).phi
+    assert torch.allclose(a, b, atol=1e-6)
+    kron = KronProjection(fixed, 10 ** 6, 0, torch.device("cpu"), (x, y))
+    k = compute_features(per_example, x, y, "kron", kron=kron, chunk=4).phi
+    assert torch.allclose(k @ k.T, a @ a.T, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(a, compute_features(GradientSource(model, names, False), x, y, "none").phi)
