@@ -1,4 +1,4 @@
-"""Seconds per TRAK member: our dense and Kronecker projections vs dattri's TRAKAttributor, same checkpoint.
+"""Seconds per TRAK member: our dense (float32, bfloat16) and Kronecker projections vs dattri's TRAK, same checkpoint.
 
 Usage: PYTHONPATH=. python benchmarks/bench_attribution.py [--task mnist-mlp] [--k 2048] [--n-test 500] [--no-dattri]
 The base model comes from the store (trained once if missing). Each projection runs on a fresh
@@ -85,16 +85,18 @@ def main() -> None:
           f"parameters, k={args.k}, on {describe_device(device)}")
 
     results = {}
-    for proj in ("dense", "kron"):
+    for label, proj, dtype in (("dense", "dense", "float32"), ("dense-bf16", "dense", "bfloat16"),
+                               ("kron", "kron", "float32")):
         with tempfile.TemporaryDirectory() as tmp:
             fresh = Store(tmp)
             fresh.save(CHECKPOINT_KIND, base.key, checkpoint.tensors, checkpoint.meta)
-            r = attribute(task, MethodSpec("trak", proj, proj_dim=args.k), EnsembleSpec(), store=fresh,
-                          device=str(device), test_positions=torch.arange(n_test))
-        results[proj] = r
+            r = attribute(task, MethodSpec("trak", proj, proj_dim=args.k, proj_dtype=dtype), EnsembleSpec(),
+                          store=fresh, device=str(device), test_positions=torch.arange(n_test))
+        results[label] = r
         parts = ", ".join(f"{name} {s:.2f}" for name, s in r.costs.breakdown.items()
                           if name not in ("base_train_s", "load_s", "finetune_s"))
-        print(f"ours {proj:5s}: {r.costs.serve_now_s:7.2f} s per member   ({parts})")
+        print(f"ours {label:10s}: {r.costs.serve_now_s:7.2f} s per member   ({parts})")
+    print(f"dense-bf16 vs dense scores: {agreement(results['dense-bf16'].scores, results['dense'].scores)}")
     print(f"kron vs dense scores: {agreement(results['kron'].scores, results['dense'].scores)}")
 
     if args.no_dattri:
@@ -112,9 +114,9 @@ def main() -> None:
     os.environ["TQDM_DISABLE"] = "1"  # dattri's progress bars
     theirs, cache_s, attr_s = run_dattri(base.model, ds, n_test, args.k, lam, device)
     total = cache_s + attr_s
-    print(f"dattri    : {total:7.2f} s per member   (cache {cache_s:.2f}, attribute {attr_s:.2f})")
+    print(f"dattri          : {total:7.2f} s per member   (cache {cache_s:.2f}, attribute {attr_s:.2f})")
     for proj, r in results.items():
-        print(f"speed-up {proj:5s} vs dattri: {total / r.costs.serve_now_s:6.1f}x   "
+        print(f"speed-up {proj:10s} vs dattri: {total / r.costs.serve_now_s:6.1f}x   "
               f"agreement {agreement(r.scores, theirs)}")
 
 

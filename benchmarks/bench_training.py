@@ -1,6 +1,6 @@
 """Models per second: `train` in a loop vs `train_many` (torch.func, batched), in the same run.
 
-Usage: python benchmarks/bench_training.py [--task mnist-mlp] [--models 16] [--frac 0.5]
+Usage: python -m benchmarks.bench_training [--task mnist-mlp] [--models 16] [--frac 0.5]
 Each model trains on its own random subset (as LDS ground truth does). Prints both rates and the speed-up,
 and checks that the batched parameters equal the looped ones.
 """
@@ -41,7 +41,7 @@ def main() -> None:
         torch.cuda.synchronize()
     many_s = time.perf_counter() - t0
 
-    max_diff = max(float((p - q).abs().max()) for a, b in zip(looped, batched)
+    max_diff = max(float((p - q).detach().abs().max()) for a, b in zip(looped, batched)
                    for p, q in zip(a.parameters(), b.parameters()))
     print(f"loop     : {loop_s:7.2f} s  {args.models / loop_s:6.2f} models/s")
     print(f"batched  : {many_s:7.2f} s  {args.models / many_s:6.2f} models/s")

@@ -51,15 +51,15 @@ with tab_one:
     left, right = st.columns([1, 4], gap="large") if is_image else (st.container(), st.container())
     with left:
         st.markdown("**Test example**")
-        show_examples(dataset, "test", [test_pos], [explore.example_label(table, test_pos)], size=168)
+        show_examples(dataset, "test", [test_pos], [explore.example_label(table, test_pos)], size=168, key="test")
     with right:
         ranking = explore.top_k(scores, test_pos, k, dataset)
         for role, title in (("proponent", "Top proponents — training examples that raise its target"),
                             ("opponent", "Top opponents — training examples that lower it")):
             rows = ranking[ranking["role"] == role]
             st.markdown(f"**{title}**")
-            show_examples(dataset, "train", rows["position"].tolist(), [explore.caption(r) for _, r in rows.iterrows()],
-                          per_row=8)
+            show_examples(dataset, "train", rows["position"].tolist(),
+                          [explore.caption(r) for _, r in rows.iterrows()], per_row=8, key=role)
         with st.expander("As a table (label · source index = position in the original data · score)"):
             st.dataframe(ranking, hide_index=True, width="stretch")
     if is_image:
@@ -78,8 +78,8 @@ with tab_two:
                                disabled=budget_name is None)
     with friendly_errors():
         extra = {budget_name: int(budget)} if budget_name else {}
-        other = dataclasses.replace(setting, ensemble=EnsembleSpec(kind=kind_b, I=int(i_b), seed=setting.ensemble.seed,
-                                                                   **extra))
+        ensemble_b = EnsembleSpec(kind=kind_b, I=int(i_b), seed=setting.ensemble.seed, **extra)
+        other = dataclasses.replace(setting, ensemble=ensemble_b)
     attribution_b = obtain_attribution(other, "compare")
     if attribution_b is not None:
         comparison = explore.compare(scores, attribution_b.scores, test_pos, k)
@@ -89,13 +89,15 @@ with tab_two:
         m[2].metric("Spearman of all scores", f"{comparison.spearman:.3f}",
                     help="rank correlation of the two settings' scores over every training example")
         cols = st.columns(2, gap="large")
-        for col, label, sc in ((cols[0], setting.label, scores), (cols[1], other.label, attribution_b.scores)):
+        for side, col, label, sc in (("a", cols[0], setting.label, scores),
+                                     ("b", cols[1], other.label, attribution_b.scores)):
             with col:
                 st.markdown(f"**{label}**")
                 rows = explore.top_k(sc, test_pos, k, dataset)
                 rows = rows[rows["role"] == "proponent"]
                 show_examples(dataset, "train", rows["position"].tolist(),
-                              [explore.caption(r) for _, r in rows.iterrows()], size=84, per_row=4 if is_image else 1)
+                              [explore.caption(r) for _, r in rows.iterrows()], per_row=4 if is_image else 1,
+                              key=f"compare-{side}")
 
 # --- reverse view ------------------------------------------------------------------------------------
 with tab_reverse:
@@ -107,14 +109,14 @@ with tab_reverse:
     left, right = st.columns([1, 4], gap="large") if is_image else (st.container(), st.container())
     with left:
         st.markdown("**Training example**")
-        show_examples(dataset, "train", [int(train_pos)], [explore.describe_example(dataset, "train", int(train_pos))],
-                      size=168)
+        show_examples(dataset, "train", [int(train_pos)],
+                      [explore.describe_example(dataset, "train", int(train_pos))], size=168, key="reverse")
     with right:
         reverse = explore.reverse_top_k(scores, int(train_pos), k, dataset)
         for role, title in (("helps", "Test examples it helps most"), ("hurts", "Test examples it hurts most")):
             rows = reverse[reverse["role"] == role]
             st.markdown(f"**{title}**")
-            show_examples(dataset, "test", rows["position"].tolist(), [explore.caption(r) for _, r in rows.iterrows()],
-                          per_row=8)
+            show_examples(dataset, "test", rows["position"].tolist(),
+                          [explore.caption(r) for _, r in rows.iterrows()], per_row=8, key=role)
         with st.expander("As a table"):
             st.dataframe(reverse, hide_index=True, width="stretch")

@@ -4,7 +4,7 @@
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+    && export PYTHONPATH=/tmp/site:.
 fi
 export TDA_STORE=${TDA_STORE:-/tmp/tda-gpu-store} PYTHONUNBUFFERED=1
 log=${OUT:-/tmp}/gpu_check.log
@@ -14,7 +14,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 echo "== train == train_many on CUDA (digits, tolerance test)"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_training.py -k "equals_separate or deterministic" 2>&1 | tail -4
 echo "== bench_training (16 half-set MNIST models, loop vs batched)"
-timeout 150 python3 benchmarks/bench_training.py --task mnist-mlp --models 16 --device cuda
+timeout 150 python3 -m benchmarks.bench_training --task mnist-mlp --models 16 --device cuda
 echo "== ground truth, embedded MNIST, M=50"
 /usr/bin/time -f "ground truth wall %e s" timeout 150 python3 -m tda_core ground-truth --task mnist-mlp --M 50 --device cuda --json | tail -12
 for args in "--method trak --proj dense --ensemble naive --I 1" "--method trak --proj dense --ensemble naive --I 5" \

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 if slug == "browse":
                     images = page.locator('[data-testid="stImage"]').count()
                     print(f"browse: {images} images drawn")
-                shots = [(name, None)] + [(f"{name}-{tab.split()[0].lower()}", tab) for tab in TABS.get(slug, ())]
+                tabs = [tab for tab in TABS.get(slug, ()) if page.get_by_role("tab", name=re.compile(tab)).count()]
+                shots = [(name, None)] + [(f"{name}-{tab.split()[0].lower()}", tab) for tab in tabs]
                 for shot, tab in shots:
                     if tab:
                         page.get_by_role("tab", name=re.compile(tab)).first.click()

@@ -200,7 +200,8 @@ def _projection(member: Member, method: MethodSpec, device: torch.device, datase
     src = member.train_source
     if method.proj == "dense":
         return DenseProjection(src.n_params, method.proj_dim, member.proj_seed, device, method.dense_kind,
-                               hold_bytes=int(budget * DENSE_HOLD_FRACTION)), None
+                               hold_bytes=int(budget * DENSE_HOLD_FRACTION),
+                               dtype=getattr(torch, method.proj_dtype)), None
     if method.proj == "kron":
         return None, KronProjection(src, method.proj_dim, member.proj_seed, device,
                                     (dataset.x_train[:1], dataset.y_train[:1]))
@@ -214,6 +215,8 @@ def feature_key(member: Member, method: MethodSpec, device: torch.device) -> str
         proj.update(dim=method.proj_dim, seed=member.proj_seed)
         if method.proj == "dense":
             proj["dense_kind"] = method.dense_kind
+            if method.proj_dtype != "float32":  # keys of float32 features stay as they were
+                proj["dtype"] = method.proj_dtype
     return spec_key({"checkpoint": member.base.key, "variant": member.variant, "projection": proj,
                      "device": device.type, "split": "train"})
 
@@ -258,8 +261,10 @@ def attribute(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, 
     """Attribution scores of the ensemble's members, averaged, with their costs.
 
     `dampings`: extra relative dampings c (TRAK / IF) whose scores come back in
-    `scores_by_damping`, computed from the same features (for tuning c on a validation split).
+    `scores_by_damping`, computed from the same features (for tuning c on a validation split);
+    `scores` uses `method.damping` (None, meaning "tune it", scores with the default c = 1).
     `test_positions`: positions in the test split to score (default all).
+    Raises UserError (saying what would fit) when the memory estimate of `plan` exceeds the budget.
     """
     t_call = time.perf_counter()
     task = get_task(task) if isinstance(task, str) else task
@@ -294,13 +299,14 @@ def attribute(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, 
     ledger.add({"base_train_s": sum(b.train_s for b in bases), "load_s": sum(b.load_s for b in bases)})
     x_test, y_test = dataset.x_test[test_pos], dataset.y_test[test_pos]
     average, members, feature_bytes = MemberAverage(), [], {}
-    serve_full = 0.0
+    serve_full, finetune_now = 0.0, 0.0
     space = sum(b.nbytes for b in bases)
     budget = memory_budget(dev)
     for i, member in enumerate(build_members(task, ensemble, method, bases, dataset, store, dev, test_pos)):
         t_member = time.perf_counter()
         members.append(member.description)
         ledger.add({"finetune_s": member.finetune_s})
+        finetune_now += member.finetune_now_s
         space += member.adapter_bytes
         dense, kron = _projection(member, method, dev, dataset, budget)
         train_f, recorded_s, nbytes, fkey, loaded = _train_features(member, method, dataset, store, dev, dense,
@@ -309,7 +315,9 @@ def attribute(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, 
         test_f = compute_features(member.test_source, x_test, y_test, method.proj, dense=dense, kron=kron,
                                   device=dev, label=f"test features: {member.description}")
         ledger.add(test_f.timings)
-        if not loaded:
+        if loaded:  # served from the store: its seconds as recorded when first computed
+            ledger.add({"cached_train_features_s": recorded_s})
+        else:
             ledger.add(train_f.timings)
         q = None
         if member.q_masks is not None and not task.sequence:
@@ -338,7 +346,7 @@ def attribute(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, 
     costs = Costs(train_s=breakdown.get("base_train_s", 0.0) + breakdown.get("finetune_s", 0.0),
                   serve_s=serve_full, space_bytes=int(space), n_trained=ensemble.n_trained,
                   n_members=len(members), device=describe_device(dev), breakdown=breakdown,
-                  serve_now_s=time.perf_counter() - t_serve, from_store=False)
+                  serve_now_s=time.perf_counter() - t_serve - finetune_now, from_store=False)
     tensors = {"scores": result[c_main]} | {f"c={c}": result[c] for c in cs if c is not None and c != c_main}
     store.save(SCORE_KIND, key, tensors, {"costs": costs.to_dict(), "members": members, "task": task.name,
                                           "method": method.name, "ensemble": ensemble.kind, "damping": c_main})

@@ -42,7 +42,8 @@ class Member:
     proj_seed: int
     variant: dict  # identifies the gradient function (part of the feature-cache key)
     q_masks: list[dict[str, torch.Tensor]] | None = None  # dropout-forward: the D masks averaged into Q
-    finetune_s: float = 0.0
+    finetune_s: float = 0.0  # fine-tuning seconds as recorded when the adapter was trained
+    finetune_now_s: float = 0.0  # seconds spent fine-tuning in this call (0 when the adapter was stored)
     adapter_bytes: int = 0
     adapter_key: str | None = None
 
@@ -122,9 +123,10 @@ def build_members(task: TaskSpec, ensemble: EnsembleSpec, method: MethodSpec, ba
                 yield Member(next(labels), base, tr, te, projection_seed(method, s, j), variant)
         else:  # lora
             for li in range(ensemble.L):
-                adapter = load_or_finetune_lora(task, ensemble, base, dataset, store, device,
-                                                derive_seed(ensemble.seed, "lora", s, li))
-                peft_model, finetune_s, nbytes, key = adapter
+                t0 = time.perf_counter()
+                peft_model, finetune_s, nbytes, key, loaded = load_or_finetune_lora(
+                    task, ensemble, base, dataset, store, device, derive_seed(ensemble.seed, "lora", s, li))
+                finetune_now_s = 0.0 if loaded else time.perf_counter() - t0
                 if ensemble.lora_grad == "merged":
                     net = copy.deepcopy(peft_model).merge_and_unload().eval().requires_grad_(True)  # peft froze it
                     src = GradientSource(net, all_param_names(net), task.sequence)
@@ -133,7 +135,7 @@ def build_members(task: TaskSpec, ensemble: EnsembleSpec, method: MethodSpec, ba
                 j = 0 if ensemble.shared_projection else li
                 yield Member(next(labels), base, src, src, projection_seed(method, s, j),
                              {"adapter": key, "grad": ensemble.lora_grad}, finetune_s=finetune_s,
-                             adapter_bytes=nbytes, adapter_key=key)
+                             finetune_now_s=finetune_now_s, adapter_bytes=nbytes, adapter_key=key)
 
 
 # --- LoRA ---------------------------------------------------------------------------------------
@@ -147,10 +149,10 @@ def lora_config(model: nn.Module, ensemble: EnsembleSpec) -> LoraConfig:
 
 
 def load_or_finetune_lora(task: TaskSpec, ensemble: EnsembleSpec, base: TrainedModel, dataset: Dataset,
-                          store: Store, device: torch.device, seed: int) -> tuple[nn.Module, float, int, str]:
+                          store: Store, device: torch.device, seed: int) -> tuple[nn.Module, float, int, str, bool]:
     """A peft model (base + adapter `seed`): the adapter from the store, or fine-tuned now and stored.
 
-    Returns (peft model, fine-tuning seconds as recorded, adapter bytes, adapter store key).
+    Returns (peft model, fine-tuning seconds as recorded, adapter bytes, adapter store key, loaded).
     """
     config = lora_config(base.model, ensemble)
     key = spec_key({"checkpoint": base.key, "rank": ensemble.lora_rank, "alpha": ensemble.lora_alpha,
@@ -169,7 +171,7 @@ def load_or_finetune_lora(task: TaskSpec, ensemble: EnsembleSpec, base: TrainedM
     art, loaded = store.get_or_create(ADAPTER_KIND, key, compute)
     if loaded:
         set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in art.tensors.items()})
-    return peft_model.eval(), float(art.meta["finetune_s"]), art.nbytes, key
+    return peft_model.eval(), float(art.meta["finetune_s"]), art.nbytes, key, loaded
 
 
 def _finetune(peft_model: nn.Module, task: TaskSpec, dataset: Dataset, ensemble: EnsembleSpec, seed: int,

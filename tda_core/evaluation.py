@@ -140,7 +140,7 @@ def ground_truth(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None, 
         part = missing[start:start + chunk]
         t0 = time.perf_counter()
         models = train_many(task, dataset, [run_seed(spec, j, r) for j, r in part], [subsets[j] for j, _ in part],
-                            device)
+                            device, progress)  # reports epochs of this chunk
         per_model_s = (time.perf_counter() - t0) / len(part)
         for (j, r), model in zip(part, models):
             values[(j, r)] = target_values(model, dataset, task.sequence)
@@ -152,8 +152,8 @@ def ground_truth(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None, 
 
     targets = torch.stack([torch.stack([values[(j, r)] for r in range(spec.runs)]) for j in range(spec.M)])
     meta = {"task": task.name, "eval": dataclasses.asdict(spec), "device": device.type, "n_train": dataset.n_train,
-            "n_test": dataset.n_test, "train_s": train_s, "resumed_models": resumed, "target": "token log-likelihood"
-            if task.sequence else "margin"}
+            "n_test": dataset.n_test, "train_s": train_s, "resumed_models": resumed,
+            "target": "token log-likelihood" if task.sequence else "margin"}
     art = store.save(GROUND_TRUTH_KIND, key, {"subsets": torch.from_numpy(subsets), "targets": targets}, meta)
     return GroundTruth(task.name, spec, art.tensors["subsets"], targets, key, meta)
 

@@ -21,7 +21,7 @@ from .data import load_dataset
 from .device import resolve_device
 from .ensembles import base_seeds
 from .errors import UserError, unknown_choice
-from .evaluation import GroundTruth, ground_truth, lds_against, missing_models, run_seed
+from .evaluation import GroundTruth, ground_truth, lds_against, missing_models
 from .methods import DAMPED
 from .progress import Progress, report
 from .specs import EnsembleSpec, EvalSpec, MethodSpec, TaskSpec
@@ -32,8 +32,8 @@ DAMPING_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 VALIDATION_FRACTION = 0.2
 RESULTS_TABLE = "results"
 COST_COLUMNS = ("train_s", "serve_s", "space_bytes", "n_trained", "n_members")
-ROW_COLUMNS = ("task", "method", "proj", "proj_dim", "ensemble", "I", "D", "L", "P", "shared_projection", "lds", "lds_sem",
-               "damping", "damping_tuned", "lds_validation", "n_eval", "train_s", "serve_s", "space_bytes",
+ROW_COLUMNS = ("task", "method", "proj", "proj_dim", "ensemble", "I", "D", "L", "P", "shared_projection", "lds",
+               "lds_sem", "damping", "damping_tuned", "lds_validation", "n_eval", "train_s", "serve_s", "space_bytes",
                "n_trained", "n_members", "device", "M", "alpha", "runs", "setting_key")
 
 
@@ -128,7 +128,8 @@ def run(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, eval_s
     result = lds_against(scores[:, rest], truth, rest)
     provenance = {"versions": versions(), "device": att.costs.device,
                   "seeds": {"base_models": base_seeds(ensemble), "ensemble": ensemble.seed, "projection": method.seed,
-                            "eval": eval_spec.seed, "first_subset_run": run_seed(eval_spec, 0, 0)},
+                            "eval": eval_spec.seed},
+                  "data": load_dataset(task.dataset).source,
                   "damping": damping, "damping_tuned": tuned, "validation_positions": len(val),
                   "ground_truth": truth.key, "attribution": att.key, "members": att.members,
                   "costs_from_store": att.costs.from_store}

@@ -104,17 +104,23 @@ def member_agreement(member_scores: list[np.ndarray | torch.Tensor]) -> pd.DataF
 
     Returns a square table indexed by 'member 1'..'member n' and 'average'.
     """
-    from .evaluation import columnwise_spearman
+    from scipy.stats import rankdata
 
     mats = [as_numpy(m) for m in member_scores]
     if not mats:
         raise UserError("no members to compare")
     mats.append(np.mean(mats, axis=0))
+    normed = []  # per matrix: column ranks, centred and scaled to unit norm, so a Spearman is a dot product
+    for m in mats:
+        r = rankdata(m, axis=0)
+        r -= r.mean(0)
+        norm = np.sqrt((r ** 2).sum(0))
+        normed.append(np.divide(r, norm, out=np.full_like(r, np.nan), where=norm > 0))
     names = [f"member {i + 1}" for i in range(len(mats) - 1)] + ["average"]
     table = np.ones((len(mats), len(mats)))
     for i in range(len(mats)):
         for j in range(i + 1, len(mats)):
-            table[i, j] = table[j, i] = np.nanmean(columnwise_spearman(mats[i], mats[j]))
+            table[i, j] = table[j, i] = np.nanmean((normed[i] * normed[j]).sum(0))
     return pd.DataFrame(table, index=names, columns=names)
 
 

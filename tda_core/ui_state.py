@@ -281,9 +281,9 @@ def cached_predictions(setting: Setting):  # noqa: ANN201 - numpy array of predi
 
 
 def show_examples(dataset, split: str, positions: list[int], captions: list[str], size: int = 84,  # noqa: ANN001
-                  per_row: int | None = None) -> None:
+                  per_row: int | None = None, key: str = "") -> None:
     """Draw examples: image thumbnails in rows (`per_row`, default: what fits a full-width page), or music
-    windows as piano roll, audio player and MIDI download."""
+    windows as piano roll, audio player and MIDI download (`key` tells apart repeated groups on a page)."""
     from . import explore
 
     if not positions:
@@ -304,10 +304,10 @@ def show_examples(dataset, split: str, positions: list[int], captions: list[str]
         for col, pos, text in zip(cols, positions[start:start + per_row], captions[start:start + per_row]):
             figure, wav, midi = cached_snippet(dataset.name, split, int(pos), text)
             with col.container(border=True):
-                st.plotly_chart(figure, width="stretch", key=f"roll-{split}-{pos}-{text}")
+                st.plotly_chart(figure, width="stretch", key=f"roll-{key}-{split}-{pos}")
                 st.audio(wav, format="audio/wav")
                 st.download_button("MIDI", midi, f"{dataset.name}-{split}-{pos}.mid", mime="audio/midi",
-                                   icon=":material/download:", key=f"midi-{split}-{pos}-{text}")
+                                   icon=":material/download:", key=f"midi-{key}-{split}-{pos}")
 
 
 @st.cache_data(show_spinner="Rendering music...", max_entries=256)

@@ -247,7 +247,8 @@ def test_compare_counts_overlap_and_rank_correlation():
     assert (same.overlap, same.opponent_overlap, same.spearman) == (5, 5, 1.0)
     assert (reversed_.overlap, reversed_.spearman) == (0, -1.0)
     table = member_agreement([a, a, -a])
-    assert table.loc["member 1", "member 2"] == 1.0 and table.loc["member 1", "member 3"] == -1.0
+    assert table.loc["member 1", "member 2"] == pytest.approx(1.0)
+    assert table.loc["member 1", "member 3"] == pytest.approx(-1.0)
     assert list(table.index) == ["member 1", "member 2", "member 3", "average"]
 
 
@@ -271,3 +272,12 @@ def test_settings_from_urls_keep_only_valid_values():
     assert values == {"task": "digits-mlp", "kind": "lora", "I": 2}
     setting = make_setting(values)
     assert (setting.ensemble.kind, setting.ensemble.I, setting.ensemble.D) == ("lora", 2, 1)  # D stays default
+
+
+def test_lds_cost_estimates_a_sweep_before_running_it(app_store):
+    at = open_page("lds_cost", sweep_grid="small")
+    at.button(key="sweep_plan").click().run()
+    assert not at.exception, at.exception
+    estimate = texts(at.info)
+    # the fixture ran three of the small grid's seven settings: naive I1, dropout I1 D2, proj-seeds I1 P2
+    assert "digits-mlp: 7 settings, 3 already in the results table, 4 to run" in estimate

@@ -147,3 +147,11 @@ def test_features_under_fixed_and_per_example_masks():
     k = compute_features(per_example, x, y, "kron", kron=kron, chunk=4).phi
     assert torch.allclose(k @ k.T, a @ a.T, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(a, compute_features(GradientSource(model, names, False), x, y, "none").phi)
+
+
+def test_bfloat16_dense_projection_is_the_same_matrix_rounded():
+    g = torch.randn(6, 5000)
+    exact = DenseProjection(5000, 128, seed=2, device=torch.device("cpu"))(g)
+    fast = DenseProjection(5000, 128, seed=2, device=torch.device("cpu"), dtype=torch.bfloat16)(g)
+    assert fast.dtype == torch.float32
+    assert float((fast - exact).norm() / exact.norm()) < 1e-2

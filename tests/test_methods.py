@@ -218,7 +218,7 @@ def test_peer_dattri_grad_dot_grad_cos_and_trak(digits_store):
                          test_positions=pos)
         assert torch.allclose(ours.scores, theirs, atol=1e-4, rtol=1e-4), name
 
-    k = 2048
+    k = 1024
     ours = attribute(TINY_DIGITS, MethodSpec("trak", "dense", proj_dim=k), EnsembleSpec(), store=digits_store,
                      device="cpu", test_positions=pos)
     other_seed = attribute(TINY_DIGITS, MethodSpec("trak", "dense", proj_dim=k, seed=1), EnsembleSpec(),

@@ -19,6 +19,7 @@ from ..specs import (
     LORA_GRADIENTS,
     MASK_MODES,
     METHODS,
+    PROJ_DTYPES,
     PROJECTIONS,
     EnsembleSpec,
     MethodSpec,
@@ -50,7 +51,7 @@ def save_scores(result: Attribution, path: str) -> Path:
 
 def _specs(args: argparse.Namespace) -> tuple[MethodSpec, EnsembleSpec]:
     method = MethodSpec(name=args.method, proj=args.proj, proj_dim=args.proj_dim, damping=args.damping,
-                        seed=args.proj_seed, hessian=args.hessian)
+                        seed=args.proj_seed, hessian=args.hessian, proj_dtype=args.proj_dtype)
     ensemble = EnsembleSpec(kind=args.ensemble, I=args.I, D=args.D, L=args.L, P=args.P, dropout_p=args.dropout_p,
                             masks=args.masks, lora_rank=args.lora_rank, lora_epochs=args.lora_epochs,
                             lora_grad=args.lora_grad, shared_projection=args.shared_projection,
@@ -105,6 +106,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--P", type=int, default=1, help="projection seeds per model (proj-seeds control)")
     p.add_argument("--proj", default="dense", choices=PROJECTIONS, help="dense JL, per-layer Kronecker or none")
     p.add_argument("--proj-dim", type=int, default=2048, help="projection dimension k (kron: split over layers)")
+    p.add_argument("--proj-dtype", default="float32", choices=PROJ_DTYPES,
+                   help="dense projection arithmetic (bfloat16: faster on AMX CPUs and GPUs, ~3e-3 relative error)")
     p.add_argument("--proj-seed", type=int, default=0, help="seed of the projections")
     p.add_argument("--damping", type=float, default=1.0, help="relative damping c: lambda = c trace(K) / k")
     p.add_argument("--hessian", default="fisher", choices=HESSIANS, help="IF curvature (exact: CG, --proj none)")
