@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from tda_core.explore import dataset_rows, store_overview
+from tda_core import explore
 from tda_core.store import Store
 from tda_core.ui_state import cached_device, current_setting
 
@@ -44,18 +44,18 @@ with left:
     store = Store()
     st.subheader("Store")
     st.caption(f"`{store.root}` (set `TDA_STORE` to use another)")
-    overview = store_overview(store)
+    overview = explore.store_overview(store)
     if overview.empty:
         st.info("Nothing computed yet. Open **Build & attribute** to run the current setting.")
     else:
         st.dataframe(overview, hide_index=True, width="stretch")
 with right:
     st.subheader("Datasets")
-    st.dataframe(dataset_rows(), hide_index=True, width="stretch",
+    st.dataframe(explore.dataset_rows(), hide_index=True, width="stretch",
                  column_config={"where": st.column_config.TextColumn(width="large")})
-    results = store.read_table("results")
+    results = explore.results_frame(store)
     if not results.empty:
-        st.subheader(f"Results so far ({len(results)})")
-        cols = [c for c in ("task", "method", "proj", "kind", "I", "D", "L", "P", "lds", "train_s", "serve_s")
-                if c in results]
-        st.dataframe(results[cols].tail(8), hide_index=True, width="stretch")
+        st.subheader(f"Best of {len(results)} results (all on the LDS vs cost page)")
+        shown = explore.results_display(results)
+        columns = ["task", "method", "proj", "ensemble", "I", "D", "L", "P", "lds", "lds_sem", "train_s", "serve_s"]
+        st.dataframe(shown[columns].head(8), hide_index=True, width="stretch")

@@ -91,7 +91,8 @@ def test_home_shows_device_datasets_and_store(app_store):
     assert datasets.set_index("dataset").loc["digits", "status"] == "embedded"
     kinds = set(at.dataframe[0].value["kind"])
     assert {"checkpoints", "features", "scores", "ground_truth"} <= kinds
-    assert "Results so far (3)" in [s.value for s in at.subheader]
+    assert "Best of 3 results (all on the LDS vs cost page)" in [s.value for s in at.subheader]
+    assert len(at.dataframe[2].value) == 3
 
 
 def test_home_on_an_empty_store_says_where_to_start(tiny_task):
