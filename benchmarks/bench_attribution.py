@@ -1,6 +1,6 @@
 """Seconds per TRAK member: our dense (float32, bfloat16) and Kronecker projections vs dattri's TRAK, same checkpoint.
 
-Usage: PYTHONPATH=. python benchmarks/bench_attribution.py [--task mnist-mlp] [--k 2048] [--n-test 500] [--no-dattri]
+Usage: python -m benchmarks.bench_attribution [--task mnist-mlp] [--k 2048] [--n-test 500] [--no-dattri]
 The base model comes from the store (trained once if missing). Each projection runs on a fresh
 temporary store holding only that checkpoint, so nothing is served from a feature cache. Prints
 seconds per member with their breakdown, dattri's seconds (cache + attribute), the ratios, and

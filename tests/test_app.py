@@ -29,9 +29,9 @@ TIMEOUT = 120
 STATE = {"task": "digits-mlp", "kind": "dropout", "I": 1, "D": 2, "cmp_kind": "naive", "cmp_I": 1}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_task():
-    """digits-mlp with a 2-epoch recipe, registered under its own name for the whole session."""
+    """digits-mlp with a 2-epoch recipe, while this module runs."""
     original = tasks.TASKS["digits-mlp"]
     tiny = dataclasses.replace(original, recipe=Recipe(epochs=2, batch_size=64, lr=0.05))
     tasks.TASKS["digits-mlp"] = tiny
@@ -39,7 +39,7 @@ def tiny_task():
     tasks.TASKS["digits-mlp"] = original
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def filled_store(tmp_path_factory, tiny_task):
     """A store holding what the pages show for the tiny digits task (computed by the real core)."""
     store = Store(tmp_path_factory.mktemp("app-store"))
