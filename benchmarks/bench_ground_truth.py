@@ -1,7 +1,7 @@
 """Seconds for an LDS ground truth (M subset models, each on alpha of the training set), from scratch.
 
-Usage: python benchmarks/bench_ground_truth.py [--task mnist-mlp] [--M 50] [--chunk 25] [--threads 2]
-                                               [--device cpu] [--chunks 25,50]
+Usage: python -m benchmarks.bench_ground_truth [--task mnist-mlp] [--M 50] [--chunks 25,50] [--threads 2]
+                                                 [--device cpu]
 Runs `tda_core.evaluation.ground_truth` on a fresh temporary store (nothing cached) once per chunk size
 and prints the wall time, seconds per model, the CPU threads and the load average before and after
 (other processes on the machine slow it down; the goal is under 2 minutes for embedded MNIST on 2 cores).

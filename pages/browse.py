@@ -17,6 +17,17 @@ with friendly_errors("choose a task whose dataset is available (see Home), or do
                      "`python -m tda_core datasets --download NAME`"):
     dataset = cached_dataset(setting.task.dataset)
 
+def show_ranking(frame, split: str, roles: tuple[tuple[str, str], ...], table_title: str) -> None:
+    """A gallery per role (e.g. proponents, opponents) of ranked examples, then the whole ranking as a table."""
+    for role, title in roles:
+        rows = frame[frame["role"] == role]
+        st.markdown(f"**{title}**")
+        show_examples(dataset, split, rows["position"].tolist(),
+                      [explore.caption(r) for _, r in rows.iterrows()], per_row=8, key=role)
+    with st.expander(table_title):
+        st.dataframe(frame, hide_index=True, width="stretch")
+
+
 attribution = obtain_attribution(setting, "main")
 if attribution is None:
     st.stop()
@@ -53,15 +64,10 @@ with tab_one:
         st.markdown("**Test example**")
         show_examples(dataset, "test", [test_pos], [explore.example_label(table, test_pos)], size=168, key="test")
     with right:
-        ranking = explore.top_k(scores, test_pos, k, dataset)
-        for role, title in (("proponent", "Top proponents — training examples that raise its target"),
-                            ("opponent", "Top opponents — training examples that lower it")):
-            rows = ranking[ranking["role"] == role]
-            st.markdown(f"**{title}**")
-            show_examples(dataset, "train", rows["position"].tolist(),
-                          [explore.caption(r) for _, r in rows.iterrows()], per_row=8, key=role)
-        with st.expander("As a table (label · source index = position in the original data · score)"):
-            st.dataframe(ranking, hide_index=True, width="stretch")
+        show_ranking(explore.top_k(scores, test_pos, k, dataset), "train",
+                     (("proponent", "Top proponents — training examples that raise its target"),
+                      ("opponent", "Top opponents — training examples that lower it")),
+                     "As a table (label · source index = position in the original data · score)")
     if is_image:
         with st.expander(f":material/grid_view: Pick another test example: {len(table)} match the sidebar filters "
                          "(select a row)"):
@@ -112,11 +118,6 @@ with tab_reverse:
         show_examples(dataset, "train", [int(train_pos)],
                       [explore.describe_example(dataset, "train", int(train_pos))], size=168, key="reverse")
     with right:
-        reverse = explore.reverse_top_k(scores, int(train_pos), k, dataset)
-        for role, title in (("helps", "Test examples it helps most"), ("hurts", "Test examples it hurts most")):
-            rows = reverse[reverse["role"] == role]
-            st.markdown(f"**{title}**")
-            show_examples(dataset, "test", rows["position"].tolist(),
-                          [explore.caption(r) for _, r in rows.iterrows()], per_row=8, key=role)
-        with st.expander("As a table"):
-            st.dataframe(reverse, hide_index=True, width="stretch")
+        show_ranking(explore.reverse_top_k(scores, int(train_pos), k, dataset), "test",
+                     (("helps", "Test examples it helps most"), ("hurts", "Test examples it hurts most")),
+                     "As a table")

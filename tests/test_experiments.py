@@ -125,3 +125,19 @@ def test_cli_names_valid_choices(capsys):
     assert "unknown method shapley; valid choices: trak, if, grad-dot, grad-cos" in capsys.readouterr().err
     assert main(["run", "--task", "nope", "--M", "4"]) == 2
     assert "valid choices" in capsys.readouterr().err
+
+
+def test_cli_results_filters_a_csv_into_markdown_and_a_figure(tmp_path, capsys):
+    rows = [{"task": "t", "method": m, "proj": "kron", "ensemble": "naive", "I": i, "D": 1, "L": 1, "P": 1,
+             "shared_projection": False, "lds": 0.1 * i, "lds_sem": 0.01, "damping": 1.0, "train_s": 2.0 * i,
+             "serve_s": 0.5 * i, "space_bytes": 100 * i, "n_trained": i, "n_members": i, "device": "cpu",
+             "setting_key": f"{m}{i}"} for m in ("trak", "grad-dot") for i in (1, 2)]
+    csv, md, html = tmp_path / "r.csv", tmp_path / "r.md", tmp_path / "r.html"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    assert main(["results", "--csv", str(csv), "--methods", "trak", "--markdown", str(md), "--plot", str(html),
+                 "--x", "n_trained"]) == 0
+    table = md.read_text().splitlines()
+    assert table[0].startswith("| method | proj | ensemble") and len(table) == 4 and "grad-dot" not in md.read_text()
+    assert "Pareto frontier" in html.read_text()
+    assert main(["results", "--csv", str(csv), "--methods", "if"]) == 2
+    assert "no results match" in capsys.readouterr().err
