@@ -1,12 +1,13 @@
 """Seconds per TRAK member: our dense (float32, bfloat16) and Kronecker projections vs dattri's TRAK, same checkpoint.
 
-Usage: python -m benchmarks.bench_attribution [--task mnist-mlp] [--k 2048] [--n-test 500] [--no-dattri]
+Usage: python -m benchmarks.bench_attribution [--task mnist-mlp] [--k 2048] [--n-test 500] [--no-dattri] [--lds]
 The base model comes from the store (trained once if missing). Each projection runs on a fresh
 temporary store holding only that checkpoint, so nothing is served from a feature cache. Prints
 seconds per member with their breakdown, dattri's seconds (cache + attribute), the ratios, and
 how well the score matrices agree (mean per-test Spearman and Pearson correlation; two independent
 random projections disagree on the ranks of the many near-zero scores, so Pearson is the clearer
-signal of agreement on the large ones).
+signal of agreement on the large ones). With --lds, also the LDS of every score matrix (ours and dattri's,
+all at relative damping c = 1) against the task's M = 50 ground truth, on the evaluation split of the test set.
 """
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-dattri", action="store_true")
+    parser.add_argument("--lds", action="store_true", help="also the LDS of each score matrix (trains the ground truth "
+                                                         "if it is not stored)")
     args = parser.parse_args()
     task, device = get_task(args.task), resolve_device(args.device)
     ds = load_dataset(task.dataset)
@@ -118,6 +121,25 @@ def main() -> None:
     for proj, r in results.items():
         print(f"speed-up {proj:10s} vs dattri: {total / r.costs.serve_now_s:6.1f}x   "
               f"agreement {agreement(r.scores, theirs)}")
+    if args.lds:
+        print_lds(task, ds, store, device, {**{k: r.scores for k, r in results.items()}, "dattri": theirs}, n_test)
+
+
+def print_lds(task, ds, store: Store, device: torch.device, scores: dict[str, torch.Tensor], n_test: int) -> None:
+    """LDS (M = 50 ground truth, evaluation split of the test set) of each score matrix, same damping c = 1."""
+    from tda_core.evaluation import ground_truth, lds_against
+    from tda_core.experiments import validation_split
+    from tda_core.specs import EvalSpec
+
+    if n_test != ds.n_test:
+        print("LDS needs every test example (--n-test at its default); skipped")
+        return
+    spec = EvalSpec()
+    truth = ground_truth(task, spec, store=store, device=device, dataset=ds)
+    _, evaluation = validation_split(ds.n_test, spec.seed)
+    for label, s in scores.items():
+        result = lds_against(s[:, evaluation], truth, evaluation)
+        print(f"LDS {label:10s}: {result.mean:.3f} +- {result.sem:.3f}   (c = 1, {len(evaluation)} test examples)")
 
 
 if __name__ == "__main__":
