@@ -23,7 +23,7 @@ def show_ranking(frame, split: str, roles: tuple[tuple[str, str], ...], table_ti
         rows = frame[frame["role"] == role]
         st.markdown(f"**{title}**")
         show_examples(dataset, split, rows["position"].tolist(),
-                      [explore.caption(r) for _, r in rows.iterrows()], per_row=8, key=role)
+                      [explore.caption(r) for _, r in rows.iterrows()], per_row=8 if is_image else None, key=role)
     with st.expander(table_title):
         st.dataframe(frame, hide_index=True, width="stretch")
 
