@@ -168,7 +168,8 @@ class Store:
                 files = [f for f in folder.iterdir() if f.suffix in (".safetensors", ".json", ".csv")]
                 count = len([f for f in files if f.suffix in (".json", ".csv")])
                 if count:
-                    rows.append({"kind": folder.name, "artifacts": count, "bytes": sum(f.stat().st_size for f in files)})
+                    size = sum(f.stat().st_size for f in files)
+                    rows.append({"kind": folder.name, "artifacts": count, "bytes": size})
         return pd.DataFrame(rows, columns=["kind", "artifacts", "bytes"])
 
     # --- result tables -------------------------------------------------------------------

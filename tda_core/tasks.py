@@ -39,7 +39,8 @@ register_task(TaskSpec("chorales-mt", "chorales", "music-transformer", tuple(CPU
                                    "relative attention; about a minute to train on 2 cores)"))
 register_task(TaskSpec("maestro-mt", "maestro", "music-transformer", tuple(PAPER_SIZE.items()),
                        Recipe(epochs=20, batch_size=32, lr=3e-4, optimizer="adam"), sequence=True,
-                       description="MAESTRO + Music Transformer as in the benchmark (13.1M parameters; meant for a GPU)"))
+                       description="MAESTRO + Music Transformer as in the benchmark "
+                                   "(13.1M parameters; meant for a GPU)"))
 
 
 def get_task(name: str) -> TaskSpec:

@@ -21,7 +21,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 
 from .data import Dataset, load_dataset
 from .device import resolve_device
-from .models.dropout import MaskableDropout, draw_masks, mask_shapes, use_masks
+from .models.dropout import draw_masks, mask_shapes, use_masks
 from .objectives import per_example_loss
 from .progress import Progress, report
 from .specs import Recipe, TaskSpec

@@ -37,7 +37,8 @@ def test_datasets_table_reports_sources(capsys):
 def test_train_then_load_from_store(monkeypatch, capsys):
     import dataclasses
     task = TASKS["digits-mlp"]
-    monkeypatch.setitem(TASKS, "digits-mlp", dataclasses.replace(task, recipe=dataclasses.replace(task.recipe, epochs=2)))
+    short = dataclasses.replace(task, recipe=dataclasses.replace(task.recipe, epochs=2))
+    monkeypatch.setitem(TASKS, "digits-mlp", short)
     assert main(["train", "--task", "digits-mlp", "--seeds", "0-1", "--json"]) == 0
     first = json.loads(capsys.readouterr().out)
     assert [r["seed"] for r in first] == [0, 1] and not any(r["from_store"] for r in first)

