@@ -44,15 +44,19 @@ def top_k(scores: np.ndarray | torch.Tensor, test_pos: int, k: int, dataset: Dat
     """
     s = as_numpy(scores)
     _check(test_pos, s.shape[1], "test")
-    column = s[:, test_pos]
-    k = max(1, min(k, len(column)))
-    order = np.argsort(-column, kind="stable")
+    return _ranking(s[:, test_pos], k, ("proponent", "opponent"), dataset, "train")
+
+
+def _ranking(values: np.ndarray, k: int, roles: tuple[str, str], dataset: Dataset, split: str) -> pd.DataFrame:
+    """The k highest (first role) and k lowest (second role) of `values`, one per example of `split`."""
+    _, y, index = dataset.split(split)
+    k = max(1, min(k, len(values)))
+    order = np.argsort(-values, kind="stable")
     rows = []
-    for role, picked in (("proponent", order[:k]), ("opponent", order[::-1][:k])):
+    for role, picked in zip(roles, (order[:k], order[::-1][:k])):
         for rank, pos in enumerate(picked, start=1):
-            rows.append({"role": role, "rank": rank, "position": int(pos),
-                         "source_index": int(dataset.train_index[pos]),
-                         "label": _label(dataset, dataset.y_train[pos]), "score": float(column[pos])})
+            rows.append({"role": role, "rank": rank, "position": int(pos), "source_index": int(index[pos]),
+                         "label": _label(dataset, y[pos]), "score": float(values[pos])})
     return pd.DataFrame(rows)
 
 
@@ -60,16 +64,7 @@ def reverse_top_k(scores: np.ndarray | torch.Tensor, train_pos: int, k: int, dat
     """The test examples a training example helps most ('helps') and hurts most ('hurts')."""
     s = as_numpy(scores)
     _check(train_pos, s.shape[0], "training")
-    row = s[train_pos]
-    k = max(1, min(k, len(row)))
-    order = np.argsort(-row, kind="stable")
-    rows = []
-    for role, picked in (("helps", order[:k]), ("hurts", order[::-1][:k])):
-        for rank, pos in enumerate(picked, start=1):
-            rows.append({"role": role, "rank": rank, "position": int(pos),
-                         "source_index": int(dataset.test_index[pos]),
-                         "label": _label(dataset, dataset.y_test[pos]), "score": float(row[pos])})
-    return pd.DataFrame(rows)
+    return _ranking(s[train_pos], k, ("helps", "hurts"), dataset, "test")
 
 
 @dataclasses.dataclass(frozen=True)
