@@ -31,11 +31,11 @@ from .features import (
     all_param_names,
     compute_features,
     default_chunk,
-    kron_factor_dims,
-    kron_layers,
-    layer_dims,
+    derive_seed,
+    projection_identity,
+    sample_labels,
 )
-from .methods import DAMPED, MemberAverage, MemberScores, exact_if_scores, member_scores
+from .methods import DAMPED, MemberAverage, MemberScores, exact_if_scores, loss_weight, member_scores
 from .progress import Progress, report
 from .specs import EnsembleSpec, MethodSpec, TaskSpec
 from .store import Store, spec_key
@@ -123,14 +123,10 @@ def _differentiated_params(task: TaskSpec, ensemble: EnsembleSpec) -> GradientSo
 
 
 def feature_dim(source: GradientSource, method: MethodSpec) -> int:
-    """Feature dimension k of a member (Kronecker: the sum of the per-layer factor products)."""
+    """Feature dimension k of a member."""
     if method.proj == "none":
         return source.n_params
-    if method.proj == "dense":
-        return method.proj_dim
-    modules, _, _ = kron_layers(source)
-    dims = kron_factor_dims([layer_dims(m) for m in modules], method.proj_dim)
-    return max(1, sum(a * b for a, b in dims))
+    return method.proj_dim
 
 
 def estimate_peak_bytes(n_params: int, k: int, n_train: int, n_test: int, method: MethodSpec,
@@ -142,10 +138,10 @@ def estimate_peak_bytes(n_params: int, k: int, n_train: int, n_test: int, method
     if method.proj == "dense":
         whole = n_params * k * f
         proj = whole if whole <= budget * DENSE_HOLD_FRACTION else DENSE_BLOCK_ENTRIES * f
-    feats = (n_train + n_test) * k * f
+    feats = (n_train * (2 if method.name == "if" else 1) + n_test) * k * f  # IF: + its Fisher's features
     kernel = min(n_train, k) ** 2 * f * 3
     scores = n_train * n_test * f * (n_dampings + 2)
-    exact = 6 * n_test * n_params * f if method.hessian == "exact" else 0
+    exact = 6 * n_test * n_params * f if method.hessian != "fisher" else 0
     return chunk + proj + feats + kernel + scores + exact
 
 
@@ -166,7 +162,7 @@ def plan(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, store
     n_c = len(set(dampings or []) | {0.0}) if method.name in DAMPED else 1
     peak = estimate_peak_bytes(source.n_params, k, n, m, method, n_c, budget)
     members = member_labels(ensemble)
-    disk = len(members) * n * k * 4
+    disk = len(members) * n * k * 4 * (2 if method.name == "if" else 1)
     store.root.mkdir(parents=True, exist_ok=True)
     disk_free = shutil.disk_usage(store.root).free
     problems = []
@@ -208,8 +204,8 @@ def _projection(member: Member, method: MethodSpec, device: torch.device, datase
     return None, None
 
 
-def feature_key(member: Member, method: MethodSpec, device: torch.device) -> str:
-    """Store key of a member's training-set features."""
+def feature_key(member: Member, method: MethodSpec, device: torch.device, fisher_sample: int | None = None) -> str:
+    """Store key of a member's training-set features (at the true labels, or at labels sampled for IF's Fisher)."""
     proj = {"proj": method.proj}
     if method.proj != "none":
         proj.update(dim=method.proj_dim, seed=member.proj_seed)
@@ -217,18 +213,31 @@ def feature_key(member: Member, method: MethodSpec, device: torch.device) -> str
             proj["dense_kind"] = method.dense_kind
             if method.proj_dtype != "float32":  # keys of float32 features stay as they were
                 proj["dtype"] = method.proj_dtype
+        proj.update(projection_identity(method.proj))
+    labels = {} if fisher_sample is None else {"labels": {"sampled": fisher_sample, "seed": method.seed}}
     return spec_key({"checkpoint": member.base.key, "variant": member.variant, "projection": proj,
-                     "device": device.type, "split": "train"})
+                     "device": device.type, "split": "train", **labels})
 
 
 def _train_features(member: Member, method: MethodSpec, dataset: Dataset, store: Store, device: torch.device,
-                    dense, kron, progress: Progress | None) -> tuple[Features, float, int, str, bool]:
-    """(features, seconds recorded at first computation, bytes, key, loaded) of the training set, cached."""
-    key = feature_key(member, method, device)
+                    dense, kron, progress: Progress | None,
+                    fisher_sample: int | None = None) -> tuple[Features, float, int, str, bool]:
+    """(features, seconds recorded at first computation, bytes, key, loaded) of the training set, cached.
+    With `fisher_sample`, at labels drawn from the member's predictive distribution (IF's Fisher)."""
+    key = feature_key(member, method, device, fisher_sample)
 
     def compute():
-        f = compute_features(member.train_source, dataset.x_train, dataset.y_train, method.proj, dense=dense,
-                             kron=kron, device=device, progress=progress, label=f"train features: {member.description}")
+        t0 = time.perf_counter()
+        labels, what = dataset.y_train, "train features"
+        if fisher_sample is not None:
+            labels = sample_labels(member.train_source, dataset.x_train, dataset.y_train,
+                                   derive_seed(method.seed, "fisher", member.proj_seed, fisher_sample), device=device)
+            what = "Fisher features (sampled labels)"
+        sample_s = time.perf_counter() - t0
+        f = compute_features(member.train_source, dataset.x_train, labels, method.proj, dense=dense,
+                             kron=kron, device=device, progress=progress, label=f"{what}: {member.description}")
+        if fisher_sample is not None:
+            f.timings["sample_labels_s"] = sample_s
         return {"phi": f.phi, "p": f.p}, {"timings": f.timings, "member": member.description,
                                            "k": int(f.phi.shape[1])}
 
@@ -238,11 +247,20 @@ def _train_features(member: Member, method: MethodSpec, dataset: Dataset, store:
     return feats, float(sum(timings.values())), art.nbytes, key, loaded
 
 
+def scheme_identity(method: MethodSpec) -> dict[str, str]:
+    """Store-key entries for schemes that changed under the same spec, so older results are never reused."""
+    extra = projection_identity(method.proj)
+    if method.name == "if":
+        extra["if_curvature"] = "Fisher from sampled labels; lambda from its trace"
+    return extra
+
+
 def score_key(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, dataset: Dataset,
               dampings: Sequence[float | None], test_pos: torch.Tensor, device: torch.device) -> str:
     """Store key of an attribution's final score matrices."""
     return spec_key({"task": task, "data": dataset_fingerprint(dataset), "method": method, "ensemble": ensemble,
-                     "dampings": list(dampings), "test": _digest(test_pos), "device": device.type})
+                     "dampings": list(dampings), "test": _digest(test_pos), "device": device.type,
+                     **scheme_identity(method)})
 
 
 def scores_stored(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, store: Store | None = None,
@@ -309,34 +327,41 @@ def attribute(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, 
         finetune_now += member.finetune_now_s
         space += member.adapter_bytes
         dense, kron = _projection(member, method, dev, dataset, budget)
-        train_f, recorded_s, nbytes, fkey, loaded = _train_features(member, method, dataset, store, dev, dense,
-                                                                    kron, progress)
-        feature_bytes[fkey] = nbytes
+        train_sets, cached_s = {}, 0.0
+        for sample in ((None, 0) if method.name == "if" else (None,)):  # IF: also its Fisher's features
+            feats, recorded_s, nbytes, fkey, loaded = _train_features(member, method, dataset, store, dev, dense,
+                                                                      kron, progress, sample)
+            feature_bytes[fkey] = nbytes
+            train_sets[sample] = feats
+            if loaded:  # served from the store: its seconds as recorded when first computed
+                ledger.add({"cached_train_features_s": recorded_s})
+                cached_s += recorded_s
+            else:
+                ledger.add(feats.timings)
+        train_f, curvature_f = train_sets[None], train_sets.get(0)
         test_f = compute_features(member.test_source, x_test, y_test, method.proj, dense=dense, kron=kron,
                                   device=dev, label=f"test features: {member.description}")
         ledger.add(test_f.timings)
-        if loaded:  # served from the store: its seconds as recorded when first computed
-            ledger.add({"cached_train_features_s": recorded_s})
-        else:
-            ledger.add(train_f.timings)
         q = None
         if member.q_masks is not None and not task.sequence:
             with ledger.time("q_s"):
                 q = mask_averaged_q(member.train_source.model, member.q_masks, dataset.x_train,
                                     dataset.y_train, dev)
-        if method.hessian == "exact":
+        if method.hessian != "fisher":
             t0 = time.perf_counter()
+            psi = loss_weight(curvature_f)[:, None] * curvature_f.phi
             by, _ = exact_if_scores(member.train_source, dataset.x_train.to(dev), dataset.y_train.to(dev),
-                                    train_f.phi, train_f.p, test_f.phi, cs)
+                                    train_f.phi, train_f.p, test_f.phi, cs, float((psi * psi).sum(1).mean()),
+                                    curvature=method.hessian)
             scored = MemberScores(by, None, time.perf_counter() - t0)
         else:
-            scored = member_scores(method, train_f, test_f, cs, q)
+            scored = member_scores(method, train_f, test_f, cs, q, curvature_f)
         average.add(scored)
         ledger.add({"solve_s": scored.solve_s})
         now_s = time.perf_counter() - t_member
         # full cost: this member's work now, with cached train features at their recorded seconds
         # (a dense matrix regenerated only for the test side is not part of the full computation)
-        serve_full += now_s + (recorded_s - test_f.timings.get("gen_s", 0.0) if loaded else 0.0)
+        serve_full += now_s + (cached_s - test_f.timings.get("gen_s", 0.0) if cached_s else 0.0)
         report(progress, i + 1, ensemble.n_members, "members")
     with ledger.time("combine_s"):
         result = {c: s.float().cpu() for c, s in average.result().items()}

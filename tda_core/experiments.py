@@ -102,7 +102,7 @@ def setting_key(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, eval
     """Identity of one results-table row (what makes a sweep resumable)."""
     protocol = {"grid": list(dampings), "fraction": fraction} if tunes_damping(method) else {"fraction": fraction}
     return spec_key({"task": task, "method": method, "ensemble": ensemble, "eval": eval_spec,
-                     "device": device.type, "protocol": protocol})
+                     "device": device.type, "protocol": protocol, **attribution.scheme_identity(method)})
 
 
 def run(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, eval_spec: EvalSpec = EvalSpec(), *,

@@ -11,8 +11,9 @@ Three ways to build them (`kind`):
   fixed row blocks from (seed, block), held whole when it fits, else regenerated per chunk;
 - ``kron``: per layer (Linear over any leading dims, Conv2d, Embedding) the layer inputs and
   output gradients captured in one batched forward/backward are projected separately and
-  combined by outer product, summed over positions (LoGra-style Kronecker JL). Parameters
-  outside such layers (norm scales, free tables) are not covered; `covered` says which are.
+  multiplied, summed over positions and layers: a JL projection whose columns are Kronecker
+  products u (x) v, never materialised. Parameters outside such layers (norm scales, free
+  tables) are not covered; `uncovered` counts them.
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ from torch.func import functional_call, grad, vmap
 
 from .errors import UserError
 from .models.dropout import use_masks
-from .objectives import correct_probability, target
+from .objectives import IGNORE, correct_probability, target
 from .progress import Progress, report
 
+KRON_CHUNK_BYTES = 1 << 28
+KRON_FORM = "rank-one sketches summed over layers"  # in store keys: features of the per-layer form differ
 DENSE_BLOCK_ENTRIES = 1 << 22  # entries per generated block of the dense JL matrix (fixes the stream)
 KRON_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
 
@@ -150,44 +153,19 @@ class DenseProjection:
         return out
 
 
-def kron_factor_dims(layer_dims: Sequence[tuple[int, int]], proj_dim: int) -> list[tuple[int, int]]:
-    """Per layer (out, in) -> (k_out, k_in): `proj_dim` split evenly over layers, square factors,
-    a factor at least as large as its side is the identity (exact)."""
-    budget = max(1, proj_dim // max(1, len(layer_dims)))
-    dims = []
-    for d_out, d_in in layer_dims:
-        k_out = min(d_out, max(1, math.isqrt(budget)))
-        k_in = min(d_in, max(1, budget // k_out))
-        dims.append((k_out, k_in))
-    return dims
-
-
-def _factor(d: int, k: int, seed: int, device: torch.device) -> torch.Tensor | None:
-    """A d x k Gaussian factor with N(0, 1/k) entries, or None (identity) when k >= d."""
-    if k >= d:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(d, k, generator=g) / math.sqrt(k)).to(device)
-
-
-def _apply(x: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
-    return x if factor is None else x @ factor
-
-
 @dataclasses.dataclass
 class _KronLayer:
     name: str
     module: nn.Module
     d_out: int
     d_in: int  # includes the bias column for Linear / Conv2d with bias
-    p_out: torch.Tensor | None = None
-    p_in: torch.Tensor | None = None
+    u: torch.Tensor  # [d_out, k] standard Gaussian, sketches output gradients
+    v: torch.Tensor  # [d_in, k] standard Gaussian, sketches inputs
 
-    @property
-    def k(self) -> int:
-        k_out = self.d_out if self.p_out is None else self.p_out.shape[1]
-        k_in = self.d_in if self.p_in is None else self.p_in.shape[1]
-        return k_out * k_in
+
+def projection_identity(proj: str) -> dict[str, str]:
+    """Extra store-key entries that tell projection schemes of the same name apart."""
+    return {"kron_form": KRON_FORM} if proj == "kron" else {}
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
@@ -221,38 +199,48 @@ def kron_layers(source: GradientSource) -> tuple[list[nn.Module], list[str], int
 
 
 class KronProjection:
-    """Per-layer Kronecker-structured JL: phi_layer = sum_t (P_out^T g_t) (x) (P_in^T a_t)."""
+    """Kronecker-structured JL over all covered layers: k features, each a rank-one sketch of every layer.
+
+    Feature r = k^-1/2 * sum over layers l and positions t of (u_lr . g_t)(v_lr . a_t), with g_t the
+    layer's output gradient, a_t its input (bias column appended) and u, v independent standard Gaussians:
+    a product of two separate projections (inputs, output gradients), which is vec(G) projected by the
+    Kronecker-structured column u_lr (x) v_lr, G = sum_t g_t a_t^T the layer's weight gradient. Hence
+    E[phi(z) . phi(z')] = <grad(z), grad(z')>, and k is shared by all layers (no per-layer split).
+    """
 
     def __init__(self, source: GradientSource, proj_dim: int, seed: int, device: torch.device,
                  probe: tuple[torch.Tensor, torch.Tensor]) -> None:
         modules, names, self.uncovered = kron_layers(source)
-        fired = _modules_called(source, modules, probe, device)
+        fired = _positions(source, modules, probe, device)
+        self.k = proj_dim
+        # examples per chunk: the [B, positions, k] sketches of the busiest layer stay near KRON_CHUNK_BYTES
+        self.chunk = max(1, min(512, KRON_CHUNK_BYTES // (4 * proj_dim * max(fired.values(), default=1))))
         self.layers: list[_KronLayer] = []
         for name, module in zip(names, modules):
-            if id(module) in fired:
-                self.layers.append(_KronLayer(name, module, *layer_dims(module)))
-            else:  # called functionally (e.g. inside nn.MultiheadAttention): no hook fires
+            if id(module) not in fired:  # called functionally (e.g. inside nn.MultiheadAttention): no hook fires
                 self.uncovered += sum(p.numel() for p in module.parameters(recurse=False))
+                continue
+            d_out, d_in = layer_dims(module)
+            u = _gaussian(d_out, proj_dim, derive_seed(seed, name, "out"), device)
+            v = _gaussian(d_in, proj_dim, derive_seed(seed, name, "in"), device)
+            self.layers.append(_KronLayer(name, module, d_out, d_in, u, v))
         if not self.layers:
             raise UserError("the Kronecker projection found no Linear, Conv2d or Embedding layer among the "
                             "differentiated parameters; use --proj dense")
-        dims = kron_factor_dims([(la.d_out, la.d_in) for la in self.layers], proj_dim)
-        for la, (k_out, k_in) in zip(self.layers, dims):
-            la.p_out = _factor(la.d_out, k_out, derive_seed(seed, la.name, "out"), device)
-            la.p_in = _factor(la.d_in, k_in, derive_seed(seed, la.name, "in"), device)
-        self.k = sum(la.k for la in self.layers)
 
     def layer_features(self, layer: _KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
-        """[B, k_layer] from one call's input and output gradient."""
+        """[B, k] contribution of one call of a layer, from its input and output gradient."""
         m, b = layer.module, gout.shape[0]
         if isinstance(m, nn.Embedding):
             tokens = inp.reshape(b, -1)
             g = gout.reshape(b, tokens.shape[1], -1)
             if m.padding_idx is not None:
                 g = g * (tokens != m.padding_idx).unsqueeze(-1)
-            a = F.one_hot(tokens, m.num_embeddings).to(g.dtype) if layer.p_in is None else layer.p_in[tokens]
-            g = _apply(g, layer.p_out)
-            return torch.einsum("bto,bti->boi", g, a).reshape(b, -1)
+            if tokens.shape[1] == 1:
+                return self._combine(g @ layer.u, layer.v[tokens])
+            grad_t = g.new_zeros(b, layer.d_in, layer.d_out).scatter_add_(
+                1, tokens.unsqueeze(-1).expand(-1, -1, layer.d_out), g)  # [B, vocab, dim]
+            return self._combine_gradient(layer, grad_t.transpose(1, 2))
         if isinstance(m, nn.Conv2d):
             a = F.unfold(inp, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)  # [B, L, C*kh*kw]
             g = gout.flatten(2).transpose(1, 2)  # [B, L, out]
@@ -261,26 +249,71 @@ class KronProjection:
             g = gout.reshape(b, -1, gout.shape[-1])
         if m.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        a, g = _apply(a, layer.p_in), _apply(g, layer.p_out)
-        if a.shape[1] == 1:
-            return (g[:, 0, :, None] * a[:, 0, None, :]).reshape(b, -1)
-        return torch.einsum("blo,bli->boi", g, a).reshape(b, -1)
+        if a.shape[1] * (layer.d_out + layer.d_in) > layer.d_out * layer.d_in:
+            # many positions: cheaper to form the per-example weight gradient sum_t g_t a_t^T first
+            return self._combine_gradient(layer, torch.bmm(g.transpose(1, 2), a))
+        return self._combine(g @ layer.u, a @ layer.v)
+
+    def _combine_gradient(self, layer: _KronLayer, grad_w: torch.Tensor) -> torch.Tensor:
+        """[B, out, in] weight gradients G -> [B, k] with feature r = u_r^T G v_r (smaller side contracted last)."""
+        if layer.d_out <= layer.d_in:
+            return ((grad_w @ layer.v) * layer.u).sum(1) / math.sqrt(self.k)
+        return ((grad_w.transpose(1, 2) @ layer.u) * layer.v).sum(1) / math.sqrt(self.k)
+
+    def _combine(self, gu: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
+        """[B, T, k] sketches of output gradients and inputs -> [B, k], summed over positions T."""
+        return (gu * av).sum(1) / math.sqrt(self.k)
 
 
-def _modules_called(source: GradientSource, modules: list[nn.Module], probe: tuple[torch.Tensor, torch.Tensor],
-                    device: torch.device) -> set[int]:
-    fired: set[int] = set()
-    hooks = [m.register_forward_hook(lambda mod, i, o: fired.add(id(mod))) for m in modules]
+def _gaussian(d: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d, width, generator=g).to(device)
+
+
+def _positions(source: GradientSource, modules: list[nn.Module], probe: tuple[torch.Tensor, torch.Tensor],
+               device: torch.device) -> dict[int, int]:
+    """Positions (tokens, pixels) per example of each module that fires on one probe example, by id."""
+    seen: dict[int, int] = {}
+
+    def hook(mod, inputs, output):
+        channels = output.shape[1] if isinstance(mod, nn.Conv2d) else output.shape[-1]
+        seen[id(mod)] = seen.get(id(mod), 0) + output.numel() // channels
+
+    hooks = [m.register_forward_hook(hook) for m in modules]
     try:
         with torch.no_grad(), masked(source.model, source.masks_for(slice(0, 1), device)):
             source.model(probe[0][:1].to(device))
     finally:
         for h in hooks:
             h.remove()
-    return fired
+    return seen
 
 
 # --- feature computation -----------------------------------------------------------------------
+@torch.no_grad()
+def sample_labels(source: GradientSource, x: torch.Tensor, y: torch.Tensor, seed: int, *,
+                  device: torch.device | str = "cpu", chunk: int = 512) -> torch.Tensor:
+    """Labels drawn from the member's own predictive distribution (its masks applied; dropout-forward:
+    the mask-averaged one). Sequences: one token per position, IGNORE kept where y has it. Gradients of the
+    loss at such labels have the Gauss-Newton matrix as their expected outer product (the true Fisher)."""
+    device = torch.device(device)
+    model = source.model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, len(x), chunk):
+        rows = slice(start, min(len(x), start + chunk))
+        masks = source.masks_for(rows, device)
+        probs = []
+        for m in source.average_masks or (masks,):
+            with masked(model, m):
+                probs.append(model(x[rows].to(device)).float().softmax(-1))
+        p = torch.stack(probs).mean(0).cpu()
+        drawn = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=gen).reshape(p.shape[:-1])
+        out.append(torch.where(y[rows] == IGNORE, y[rows], drawn) if source.sequence else drawn)
+    return torch.cat(out).to(y.dtype)
+
+
+
 def _p_or_nan(logits: torch.Tensor, y: torch.Tensor, sequence: bool) -> torch.Tensor:
     if sequence:
         return torch.full(logits.shape[:1], float("nan"), device=logits.device)
@@ -331,7 +364,7 @@ def compute_features(source: GradientSource, x: torch.Tensor, y: torch.Tensor, p
     rows_phi, rows_p = [], []
     n = len(x)
     if projection == "kron":
-        chunk = chunk or 512
+        chunk = chunk or kron.chunk
         step = _kron_step(source, kron)
     else:
         chunk = chunk or default_chunk(source.n_params)
@@ -386,11 +419,7 @@ def _kron_step(source: GradientSource, kron: KronProjection):
         total = torch.stack(values).mean(0).sum()
         gouts = torch.autograd.grad(total, [out for _, _, out in calls])
         t0 = time.perf_counter()
-        parts: dict[str, torch.Tensor] = {}
-        for (la, inp, _), gout in zip(calls, gouts):
-            feat = kron.layer_features(la, inp, gout.detach())
-            parts[la.name] = feat if la.name not in parts else parts[la.name] + feat
-        phi = torch.cat([parts[la.name] for la in kron.layers], dim=1)
+        phi = sum(kron.layer_features(la, inp, gout.detach()) for (la, inp, _), gout in zip(calls, gouts))
         return phi, torch.stack(probs).mean(0), time.perf_counter() - t0
 
     return run

@@ -23,7 +23,7 @@ from .tasks import TASKS, get_task
 METHOD_LABELS = {"trak": "TRAK", "if": "Influence function", "grad-dot": "Grad-Dot", "grad-cos": "Grad-Cos"}
 KIND_LABELS = {"naive": "naive (I models)", "dropout": "Dropout (I x D)", "dropout-forward": "Dropout forward-only",
                "lora": "LoRA (I x L)", "proj-seeds": "control: projection seeds (I x P)"}
-PROJ_LABELS = {"dense": "dense JL", "kron": "Kronecker per layer", "none": "none (exact)"}
+PROJ_LABELS = {"dense": "dense JL", "kron": "Kronecker JL", "none": "none (exact)"}
 DEFAULT_TASK = "mnist-mlp"
 
 LIMITS = {"I": (1, 50), "D": (1, 50), "L": (1, 50), "P": (1, 50), "proj_dim": (1, 65536), "seed": (0, 10_000)}
@@ -49,7 +49,7 @@ class Setting:
 
 
 def describe_method(method: MethodSpec) -> str:
-    """'TRAK, Kronecker per layer k=32, c=1' and the like."""
+    """'TRAK, Kronecker JL k=32, c=1' and the like."""
     name = METHOD_LABELS[method.name]
     if method.name in ("trak", "if"):
         proj = PROJ_LABELS[method.proj] + (f" k={method.proj_dim}" if method.proj != "none" else "")
@@ -139,7 +139,7 @@ def sidebar() -> None:
             st.selectbox("Projection", PROJECTIONS, key="proj", format_func=PROJ_LABELS.get,
                          help="Kronecker is the fast path; dense JL is the reference")
             st.number_input("Projection dimension", *LIMITS["proj_dim"], key="proj_dim",
-                            help="k in total (Kronecker: split evenly over the layers)")
+                            help="projection dimension k (features per member)")
             st.number_input("Damping c", 0.0, 1000.0, key="damping", format="%g",
                             help="lambda = c * trace(K) / k")
             st.slider("Dropout rate (0 = the model's own)", 0.0, 0.9, key="dropout_p", step=0.05)

@@ -116,11 +116,15 @@ def test_sequence_task_through_every_projection(store, toy_sequence_task, proj):
     assert r.scores.shape == (60, 10) and torch.isfinite(r.scores).all()
 
 
-def test_sequence_kron_and_exact_grad_dot_agree_when_factors_are_full(store, toy_sequence_task):
+def test_sequence_kron_grad_dot_approaches_exact(store, toy_sequence_task):
+    """Kronecker JL inner products converge to the exact ones as k grows (relative error ~ k^-1/2)."""
     exact = attribute(toy_sequence_task, MethodSpec("grad-dot", "none"), EnsembleSpec(), store=store, device="cpu")
-    kron = attribute(toy_sequence_task, MethodSpec("grad-dot", "kron", proj_dim=10 ** 6), EnsembleSpec(),
-                     store=store, device="cpu")
-    assert torch.allclose(kron.scores, exact.scores, atol=1e-5, rtol=1e-4)
+    errors = []
+    for k in (256, 4096):
+        kron = attribute(toy_sequence_task, MethodSpec("grad-dot", "kron", proj_dim=k), EnsembleSpec(),
+                         store=store, device="cpu")
+        errors.append(float((kron.scores - exact.scores).norm() / exact.scores.norm()))
+    assert errors[1] < 0.2 and errors[1] < errors[0] / 2, errors
 
 
 # --- the command line ---------------------------------------------------------------------------

@@ -104,13 +104,17 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--D", type=int, default=1, help="dropout masks per model (dropout, dropout-forward)")
     p.add_argument("--L", type=int, default=1, help="LoRA fine-tunes per model (lora)")
     p.add_argument("--P", type=int, default=1, help="projection seeds per model (proj-seeds control)")
-    p.add_argument("--proj", default="dense", choices=PROJECTIONS, help="dense JL, per-layer Kronecker or none")
-    p.add_argument("--proj-dim", type=int, default=2048, help="projection dimension k (kron: split over layers)")
-    p.add_argument("--proj-dtype", default="float32", choices=PROJ_DTYPES,
-                   help="dense projection arithmetic (bfloat16: faster on AMX CPUs and GPUs, ~3e-3 relative error)")
+    p.add_argument("--proj", default="dense", choices=PROJECTIONS, help="dense JL, Kronecker-structured JL or none")
+    p.add_argument("--proj-dim", type=int, default=2048, help="projection dimension k")
+    p.add_argument("--proj-dtype", default="bfloat16", choices=PROJ_DTYPES,
+                   help="dense projection arithmetic: bfloat16 inputs with float32 accumulation (default; fast on "
+                        "GPUs and AMX / AVX512-BF16 CPUs) or float32 (faster on CPUs without bfloat16 units)")
     p.add_argument("--proj-seed", type=int, default=0, help="seed of the projections")
     p.add_argument("--damping", type=float, default=1.0, help="relative damping c: lambda = c trace(K) / k")
-    p.add_argument("--hessian", default="fisher", choices=HESSIANS, help="IF curvature (exact: CG, --proj none)")
+    p.add_argument("--hessian", default="fisher", choices=HESSIANS,
+                   help="IF curvature: fisher (feature space, labels sampled from the model), or by CG on the full "
+                        "parameters (--proj none, small models) gauss-newton or exact (the Hessian; indefinite at "
+                        "small damping)")
     p.add_argument("--dropout-p", type=float, help="dropout rate of the members (default: the model's own)")
     p.add_argument("--masks", default="fixed", choices=MASK_MODES, help="one mask per member or per example")
     p.add_argument("--lora-rank", type=int, default=16)

@@ -35,7 +35,7 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
 
 def _setting_options(p: argparse.ArgumentParser, damping_help: str) -> None:
     p.add_argument("--method", default="trak", choices=METHODS)
-    p.add_argument("--proj", default="kron", choices=PROJECTIONS, help="dense JL, per-layer Kronecker or none")
+    p.add_argument("--proj", default="kron", choices=PROJECTIONS, help="dense JL, Kronecker-structured JL or none")
     p.add_argument("--proj-dim", type=int, default=2048)
     p.add_argument("--proj-seed", type=int, default=0)
     p.add_argument("--damping", type=float, help=damping_help)
