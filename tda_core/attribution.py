@@ -31,11 +31,11 @@ from .features import (
     all_param_names,
     compute_features,
     default_chunk,
+    KRON_FORM,
     derive_seed,
-    projection_identity,
     sample_labels,
 )
-from .methods import DAMPED, MemberAverage, MemberScores, exact_if_scores, loss_weight, member_scores
+from .methods import DAMPED, MemberAverage, MemberScores, exact_if_scores, fisher_rows, member_scores
 from .progress import Progress, report
 from .specs import EnsembleSpec, MethodSpec, TaskSpec
 from .store import Store, spec_key
@@ -129,6 +129,11 @@ def feature_dim(source: GradientSource, method: MethodSpec) -> int:
     return method.proj_dim
 
 
+def label_sets(method: MethodSpec) -> tuple[int | None, ...]:
+    """Training-feature sets per member: at the true labels (None), plus for IF one draw of labels for its Fisher."""
+    return (None, 0) if method.name == "if" else (None,)
+
+
 def estimate_peak_bytes(n_params: int, k: int, n_train: int, n_test: int, method: MethodSpec,
                         n_dampings: int, budget: int) -> int:
     """Rough peak memory of one member's pass (members run one after another)."""
@@ -138,7 +143,7 @@ def estimate_peak_bytes(n_params: int, k: int, n_train: int, n_test: int, method
     if method.proj == "dense":
         whole = n_params * k * f
         proj = whole if whole <= budget * DENSE_HOLD_FRACTION else DENSE_BLOCK_ENTRIES * f
-    feats = (n_train * (2 if method.name == "if" else 1) + n_test) * k * f  # IF: + its Fisher's features
+    feats = (n_train * len(label_sets(method)) + n_test) * k * f
     kernel = min(n_train, k) ** 2 * f * 3
     scores = n_train * n_test * f * (n_dampings + 2)
     exact = 6 * n_test * n_params * f if method.hessian != "fisher" else 0
@@ -162,7 +167,7 @@ def plan(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, store
     n_c = len(set(dampings or []) | {0.0}) if method.name in DAMPED else 1
     peak = estimate_peak_bytes(source.n_params, k, n, m, method, n_c, budget)
     members = member_labels(ensemble)
-    disk = len(members) * n * k * 4 * (2 if method.name == "if" else 1)
+    disk = len(members) * n * k * 4 * len(label_sets(method))
     store.root.mkdir(parents=True, exist_ok=True)
     disk_free = shutil.disk_usage(store.root).free
     problems = []
@@ -213,7 +218,8 @@ def feature_key(member: Member, method: MethodSpec, device: torch.device, fisher
             proj["dense_kind"] = method.dense_kind
             if method.proj_dtype != "float32":  # keys of float32 features stay as they were
                 proj["dtype"] = method.proj_dtype
-        proj.update(projection_identity(method.proj))
+        if method.proj == "kron":
+            proj["kron_form"] = KRON_FORM
     labels = {} if fisher_sample is None else {"labels": {"sampled": fisher_sample, "seed": method.seed}}
     return spec_key({"checkpoint": member.base.key, "variant": member.variant, "projection": proj,
                      "device": device.type, "split": "train", **labels})
@@ -249,7 +255,7 @@ def _train_features(member: Member, method: MethodSpec, dataset: Dataset, store:
 
 def scheme_identity(method: MethodSpec) -> dict[str, str]:
     """Store-key entries for schemes that changed under the same spec, so older results are never reused."""
-    extra = projection_identity(method.proj)
+    extra = {"kron_form": KRON_FORM} if method.proj == "kron" else {}
     if method.name == "if":
         extra["if_curvature"] = "Fisher from sampled labels; lambda from its trace"
     return extra
@@ -328,7 +334,7 @@ def attribute(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, 
         space += member.adapter_bytes
         dense, kron = _projection(member, method, dev, dataset, budget)
         train_sets, cached_s = {}, 0.0
-        for sample in ((None, 0) if method.name == "if" else (None,)):  # IF: also its Fisher's features
+        for sample in label_sets(method):
             feats, recorded_s, nbytes, fkey, loaded = _train_features(member, method, dataset, store, dev, dense,
                                                                       kron, progress, sample)
             feature_bytes[fkey] = nbytes
@@ -349,7 +355,7 @@ def attribute(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, 
                                     dataset.y_train, dev)
         if method.hessian != "fisher":
             t0 = time.perf_counter()
-            psi = loss_weight(curvature_f)[:, None] * curvature_f.phi
+            psi = fisher_rows(curvature_f)
             by, _ = exact_if_scores(member.train_source, dataset.x_train.to(dev), dataset.y_train.to(dev),
                                     train_f.phi, train_f.p, test_f.phi, cs, float((psi * psi).sum(1).mean()),
                                     curvature=method.hessian)

@@ -21,9 +21,9 @@ from torch import nn
 
 from .data import Dataset
 from .errors import UserError
-from .features import GradientSource, all_param_names, derive_seed, masked
+from .features import GradientSource, all_param_names, derive_seed, mask_averaged_probabilities
 from .models.dropout import draw_masks, fixed_masks, mask_shapes, use_masks
-from .objectives import correct_probability, per_example_loss
+from .objectives import per_example_loss
 from .specs import EnsembleSpec, MethodSpec, TaskSpec
 from .store import Store, spec_key
 from .training import TrainedModel, dropout_rates
@@ -207,9 +207,6 @@ def mask_averaged_q(model: nn.Module, masks: list[dict[str, torch.Tensor]], x: t
     out = []
     for start in range(0, len(x), batch):
         xb, yb = x[start:start + batch].to(device), y[start:start + batch].to(device)
-        p = torch.zeros(len(xb), device=device)
-        for m in masks:
-            with masked(model, m):
-                p += correct_probability(model(xb), yb)
-        out.append(1.0 - p / len(masks))
-    return torch.cat(out).float()
+        p = mask_averaged_probabilities(model, masks, xb).gather(-1, yb.unsqueeze(-1)).squeeze(-1)
+        out.append(1.0 - p)
+    return torch.cat(out)

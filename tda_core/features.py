@@ -163,11 +163,6 @@ class _KronLayer:
     v: torch.Tensor  # [d_in, k] standard Gaussian, sketches inputs
 
 
-def projection_identity(proj: str) -> dict[str, str]:
-    """Extra store-key entries that tell projection schemes of the same name apart."""
-    return {"kron_form": KRON_FORM} if proj == "kron" else {}
-
-
 def layer_dims(module: nn.Module) -> tuple[int, int]:
     """(out side, in side) of a layer's weight gradient; the in side counts a bias column."""
     bias = 1 if getattr(module, "bias", None) is not None else 0
@@ -291,6 +286,17 @@ def _positions(source: GradientSource, modules: list[nn.Module], probe: tuple[to
 
 # --- feature computation -----------------------------------------------------------------------
 @torch.no_grad()
+def mask_averaged_probabilities(model: nn.Module, mask_sets: Sequence[Mapping[str, torch.Tensor]],
+                                x: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities (last dim) averaged over one forward pass per mask set."""
+    total = torch.zeros(())
+    for m in mask_sets:
+        with masked(model, m):
+            total = total + model(x).float().softmax(-1)
+    return total / len(mask_sets)
+
+
+@torch.no_grad()
 def sample_labels(source: GradientSource, x: torch.Tensor, y: torch.Tensor, seed: int, *,
                   device: torch.device | str = "cpu", chunk: int = 512) -> torch.Tensor:
     """Labels drawn from the member's own predictive distribution (its masks applied; dropout-forward:
@@ -302,12 +308,8 @@ def sample_labels(source: GradientSource, x: torch.Tensor, y: torch.Tensor, seed
     out = []
     for start in range(0, len(x), chunk):
         rows = slice(start, min(len(x), start + chunk))
-        masks = source.masks_for(rows, device)
-        probs = []
-        for m in source.average_masks or (masks,):
-            with masked(model, m):
-                probs.append(model(x[rows].to(device)).float().softmax(-1))
-        p = torch.stack(probs).mean(0).cpu()
+        mask_sets = source.average_masks or (source.masks_for(rows, device),)
+        p = mask_averaged_probabilities(model, mask_sets, x[rows].to(device)).cpu()
         drawn = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=gen).reshape(p.shape[:-1])
         out.append(torch.where(y[rows] == IGNORE, y[rows], drawn) if source.sequence else drawn)
     return torch.cat(out).to(y.dtype)

@@ -80,6 +80,11 @@ class MemberScores:
     solve_s: float
 
 
+def fisher_rows(curvature: Features) -> torch.Tensor:
+    """Psi: minus the loss gradients' features at the sampled labels (IF's Fisher is Psi^T Psi / n)."""
+    return loss_weight(curvature)[:, None] * curvature.phi
+
+
 def fisher_scores(loss_rows: torch.Tensor, curvature_rows: torch.Tensor, phi_test: torch.Tensor,
                   dampings: Sequence[float]) -> dict[float, torch.Tensor]:
     """For each c: loss_rows (H + lambda I)^-1 phi_test^T, H = Psi^T Psi / m (Psi = curvature_rows, m rows),
@@ -116,7 +121,7 @@ def member_scores(method: MethodSpec, train: Features, test: Features, dampings:
     elif method.name == "if":
         if curvature is None:
             raise ValueError("IF needs curvature features (loss gradients at sampled labels)")
-        by = fisher_scores(w[:, None] * phi, loss_weight(curvature)[:, None] * curvature.phi, phi_test, dampings)
+        by = fisher_scores(w[:, None] * phi, fisher_rows(curvature), phi_test, dampings)
         q = None
     elif method.name == "grad-dot":
         by, q = {None: (w[:, None] * phi) @ phi_test.T}, None
