@@ -1,6 +1,7 @@
 """Seconds per TRAK member: our dense (bfloat16 default, float32) and Kronecker projections vs dattri's TRAK.
 
 Usage: python -m benchmarks.bench_attribution [--task mnist-mlp] [--k 2048] [--n-test 500] [--no-dattri] [--lds]
+                                             [--seeds N]
 The base model comes from the store (trained once if missing). Each projection runs on a fresh
 temporary store holding only that checkpoint, so nothing is served from a feature cache. Prints
 seconds per member with their breakdown, dattri's seconds (cache + attribute), the ratios, and
@@ -8,6 +9,8 @@ how well the score matrices agree (mean per-test Spearman and Pearson correlatio
 random projections disagree on the ranks of the many near-zero scores, so Pearson is the clearer
 signal of agreement on the large ones). With --lds, also the LDS of every score matrix (ours and dattri's,
 all at relative damping c = 1) against the task's M = 50 ground truth, on the evaluation split of the test set.
+With --seeds N, also the LDS of dense and Kronecker TRAK for projection seeds 0..N-1 (same checkpoint, c = 1):
+whether the two projections differ by more than their seed-to-seed spread.
 """
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--no-dattri", action="store_true")
     parser.add_argument("--lds", action="store_true", help="also the LDS of each score matrix (trains the ground truth "
                                                          "if it is not stored)")
+    parser.add_argument("--seeds", type=int, default=0, help="LDS of dense and Kronecker over this many projection seeds")
     args = parser.parse_args()
     task, device = get_task(args.task), resolve_device(args.device)
     ds = load_dataset(task.dataset)
@@ -87,14 +91,20 @@ def main() -> None:
     print(f"{task.name}: {ds.n_train} train / {n_test} test, {sum(p.numel() for p in base.model.parameters()):,} "
           f"parameters, k={args.k}, on {describe_device(device)}")
 
-    results = {}
-    for label, proj, dtype in (("dense", "dense", "bfloat16"), ("dense-fp32", "dense", "float32"),
-                               ("kron", "kron", "bfloat16")):
+    def fresh_run(proj: str, dtype: str, seed: int = 0):
+        """TRAK on a temporary store holding only the checkpoint (nothing served from a feature cache)."""
         with tempfile.TemporaryDirectory() as tmp:
             fresh = Store(tmp)
             fresh.save(CHECKPOINT_KIND, base.key, checkpoint.tensors, checkpoint.meta)
-            r = attribute(task, MethodSpec("trak", proj, proj_dim=args.k, proj_dtype=dtype), EnsembleSpec(),
-                          store=fresh, device=str(device), test_positions=torch.arange(n_test))
+            return attribute(task, MethodSpec("trak", proj, proj_dim=args.k, proj_dtype=dtype, seed=seed),
+                             EnsembleSpec(), store=fresh, device=str(device), test_positions=torch.arange(n_test))
+
+    if args.seeds:
+        print_seed_spread(task, ds, store, device, n_test, args.seeds, fresh_run)
+    results = {}
+    for label, proj, dtype in (("dense", "dense", "bfloat16"), ("dense-fp32", "dense", "float32"),
+                               ("kron", "kron", "bfloat16")):
+        r = fresh_run(proj, dtype)
         results[label] = r
         parts = ", ".join(f"{name} {s:.2f}" for name, s in r.costs.breakdown.items()
                           if name not in ("base_train_s", "load_s", "finetune_s"))
@@ -125,7 +135,24 @@ def main() -> None:
         print_lds(task, ds, store, device, {**{k: r.scores for k, r in results.items()}, "dattri": theirs}, n_test)
 
 
-def print_lds(task, ds, store: Store, device: torch.device, scores: dict[str, torch.Tensor], n_test: int) -> None:
+def print_seed_spread(task, ds, store: Store, device: torch.device, n_test: int, seeds: int, fresh_run) -> None:
+    """LDS (c = 1) of dense and Kronecker TRAK for projection seeds 0..seeds-1, with mean and spread."""
+    import statistics
+
+    if n_test != ds.n_test:
+        print("LDS needs every test example (--n-test at its default); seed spread skipped")
+        return
+    for label, proj in (("dense", "dense"), ("kron", "kron")):
+        values = []
+        for seed in range(seeds):
+            scores = {f"{label} seed {seed}": fresh_run(proj, "bfloat16", seed).scores}
+            values.append(print_lds(task, ds, store, device, scores, n_test)[0])
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"LDS {label} over {seeds} projection seeds: mean {statistics.mean(values):.3f}, sd {spread:.3f}")
+
+
+def print_lds(task, ds, store: Store, device: torch.device, scores: dict[str, torch.Tensor],
+              n_test: int) -> list[float]:
     """LDS (M = 50 ground truth, evaluation split of the test set) of each score matrix, same damping c = 1."""
     from tda_core.evaluation import ground_truth, lds_against
     from tda_core.experiments import validation_split
@@ -133,13 +160,16 @@ def print_lds(task, ds, store: Store, device: torch.device, scores: dict[str, to
 
     if n_test != ds.n_test:
         print("LDS needs every test example (--n-test at its default); skipped")
-        return
+        return []
     spec = EvalSpec()
     truth = ground_truth(task, spec, store=store, device=device, dataset=ds)
     _, evaluation = validation_split(ds.n_test, spec.seed)
+    means = []
     for label, s in scores.items():
         result = lds_against(s[:, evaluation], truth, evaluation)
         print(f"LDS {label:10s}: {result.mean:.3f} +- {result.sem:.3f}   (c = 1, {len(evaluation)} test examples)")
+        means.append(result.mean)
+    return means
 
 
 if __name__ == "__main__":

@@ -140,8 +140,8 @@ def _rank_corr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 
 def test_if_fisher_agrees_with_exact_hessian_cg_on_digits(digits_store):
     """IF's Fisher (sampled labels, feature space, exact gradients) vs the exact Hessian solved by CG, both at
-    c = 30, the smallest c of the grid at which the trained net's damped Hessian is positive definite (at c <= 3
-    CG meets negative curvature). There the Hessian IF is not Grad-Dot in disguise (rank correlation 0.78)."""
+    c = 30, where the trained net's damped Hessian is positive definite (at c = 1 CG meets negative curvature)
+    and the Hessian IF is not Grad-Dot in disguise (rank correlation 0.78; benchmarks/bench_if_curvature.py)."""
     pos = torch.arange(10)
 
     def scores(hessian: str = "fisher", name: str = "if") -> torch.Tensor:
