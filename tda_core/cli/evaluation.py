@@ -16,7 +16,17 @@ from ..evaluation import DEFAULT_CHUNK, counterfactual, ground_truth, missing_mo
 from .. import experiments
 from ..experiments import COST_LABELS, DAMPING_GRID, GRIDS
 from ..progress import tqdm_progress
-from ..specs import ENSEMBLE_KINDS, LORA_GRADIENTS, MASK_MODES, METHODS, PROJECTIONS, EnsembleSpec, EvalSpec, MethodSpec
+from ..specs import (
+    ENSEMBLE_KINDS,
+    FORWARD_GRADIENTS,
+    LORA_GRADIENTS,
+    MASK_MODES,
+    METHODS,
+    PROJECTIONS,
+    EnsembleSpec,
+    EvalSpec,
+    MethodSpec,
+)
 from ..store import Store
 from ..tasks import get_task
 from .common import emit
@@ -48,6 +58,8 @@ def _setting_options(p: argparse.ArgumentParser, damping_help: str) -> None:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-epochs", type=int, default=3)
     p.add_argument("--lora-grad", default="merged", choices=LORA_GRADIENTS)
+    p.add_argument("--forward-grad", default="plain", choices=FORWARD_GRADIENTS,
+                   help="dropout-forward: plain gradient, or gradient of the mask-averaged target")
     p.add_argument("--shared-projection", action="store_true", help="members of a base model share its projection")
 
 
@@ -60,7 +72,7 @@ def _setting(args: argparse.Namespace) -> tuple[MethodSpec, EnsembleSpec]:
                         seed=args.proj_seed)
     ensemble = EnsembleSpec(kind=args.ensemble, I=args.I, D=args.D, L=args.L, P=args.P, masks=args.masks,
                             lora_rank=args.lora_rank, lora_epochs=args.lora_epochs, lora_grad=args.lora_grad,
-                            shared_projection=args.shared_projection)
+                            forward_grad=args.forward_grad, shared_projection=args.shared_projection)
     return method, ensemble
 
 
