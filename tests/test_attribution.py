@@ -17,6 +17,7 @@ from tda_core.errors import UserError
 from tda_core.models import MODELS
 from tda_core.objectives import IGNORE
 from tda_core.specs import EnsembleSpec, MethodSpec, Recipe, TaskSpec
+from tda_core.store import Store
 from tda_core.tasks import TASKS, get_task
 
 TINY = dataclasses.replace(get_task("digits-mlp"), recipe=Recipe(epochs=2, batch_size=64, lr=0.01))
@@ -74,6 +75,18 @@ def test_grad_methods_and_if_run_through_the_api(store):
     cos = attribute(TINY, MethodSpec("grad-cos", "kron", proj_dim=256), EnsembleSpec(), store=store, device="cpu",
                     test_positions=POS)
     assert float(cos.scores.abs().max()) <= 1.0 + 1e-5
+
+
+def test_if_fisher_is_reproducible_and_seeded(store, tmp_path):
+    """The sampled labels behind IF's Fisher come from the method seed: same seed, same scores on a fresh store;
+    another seed, other labels (and projection), other scores."""
+    spec = MethodSpec("if", "kron", proj_dim=256)
+    first = attribute(TINY, spec, EnsembleSpec(), store=store, device="cpu", test_positions=POS)
+    again = attribute(TINY, spec, EnsembleSpec(), store=Store(tmp_path / "fresh"), device="cpu", test_positions=POS)
+    assert torch.equal(first.scores, again.scores)
+    other = attribute(TINY, dataclasses.replace(spec, seed=1), EnsembleSpec(), store=store, device="cpu",
+                      test_positions=POS)
+    assert not torch.allclose(first.scores, other.scores)
 
 
 # --- a sequence task (Embedding + Linear, next-token targets with ignored positions) ------------
@@ -164,3 +177,8 @@ def test_cli_errors_are_one_line(tiny_cli_task, capsys, monkeypatch):
     assert "what would fit" in capsys.readouterr().err
     assert main(["attribute", "--task", "digits-mlp", "--I", "0"]) == 2
     assert main(["attribute", "--task", "digits-mlp", "--method", "trak", "--hessian", "exact"]) == 2
+    capsys.readouterr()
+    assert main(["attribute", "--task", "digits-mlp", "--method", "if", "--proj", "kron", "--hessian",
+                 "gauss-newton"]) == 2
+    err = capsys.readouterr().err
+    assert "'gauss-newton'" in err and "--proj none" in err and "--hessian fisher" in err
