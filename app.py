@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from tda_core.ui_state import sidebar
+from pages.ui.state import sidebar
 
 st.set_page_config(page_title="Ensemble TDA Explorer", page_icon=":material/hub:", layout="wide")
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .data import Dataset, load_dataset
-from .device import resolve_device
+from .context import resolve
 from .errors import UserError
 from .objectives import target
 from .progress import Progress, report
@@ -97,8 +97,8 @@ def _model_key(task: TaskSpec, dataset: Dataset, spec: EvalSpec, j: int, r: int,
 def missing_models(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None,
                    device: str | torch.device = "auto", dataset: Dataset | None = None) -> int:
     """How many of the M x R subset models a ground truth still has to train."""
-    device = resolve_device(device) if isinstance(device, str) else device
-    store = store or Store()
+    task, ctx = resolve(task, store, device)
+    store, device = ctx.store, ctx.device
     dataset = dataset or load_dataset(task.dataset)
     if store.has(GROUND_TRUTH_KIND, _gt_key(task, dataset, spec, device)):
         return 0
@@ -113,8 +113,8 @@ def ground_truth(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None, 
 
     Resumable: each finished model's targets are stored, so a rerun trains only what is missing.
     """
-    device = resolve_device(device) if isinstance(device, str) else device
-    store = store or Store()
+    task, ctx = resolve(task, store, device)
+    store, device = ctx.store, ctx.device
     dataset = dataset or load_dataset(task.dataset)
     if chunk < 1:
         raise UserError(f"chunk must be a positive number of models, got {chunk}")
@@ -265,8 +265,8 @@ def counterfactual(task: TaskSpec, scores: torch.Tensor | np.ndarray, test_posit
                    progress: Progress | None = None) -> Counterfactual:
     """Retrain without the top-k proponents of `test_position` (from its score column `scores` [n_train])
     and without k random examples (`n_random` draws from `seed`), each with the same training `seeds`."""
-    device = resolve_device(device) if isinstance(device, str) else device
-    store = store or Store()
+    task, ctx = resolve(task, store, device)
+    store, device = ctx.store, ctx.device
     dataset = dataset or load_dataset(task.dataset)
     if not 0 <= test_position < dataset.n_test:
         raise UserError(f"test position must be in [0, {dataset.n_test - 1}], got {test_position}")

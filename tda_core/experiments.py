@@ -1,4 +1,4 @@
-"""Experiments: one setting's LDS with its costs (`run`), grids of settings (`sweep`), the Pareto frontier.
+"""Experiments: one setting's LDS with its costs (`run`) and grids of settings (`sweep`) into the results table.
 
 Damping protocol: when `MethodSpec.damping` is None (and the method is damped), c is chosen from
 `DAMPING_GRID` by LDS on a validation split of the test set (`VALIDATION_FRACTION` of the test
@@ -16,22 +16,19 @@ import pandas as pd
 import torch
 
 from . import attribution
+from .context import resolve
 from .costs import Costs
 from .data import load_dataset
-from .device import resolve_device
 from .ensembles import base_seeds
 from .errors import UserError, unknown_choice
+from .results import RESULTS_TABLE, results_for
 from .evaluation import GroundTruth, ground_truth, lds_against, missing_models
-from .methods import DAMPED
 from .progress import Progress, report
-from .specs import EnsembleSpec, EvalSpec, MethodSpec, TaskSpec
+from .specs import EnsembleSpec, EvalSpec, MethodSpec, TaskSpec, method_record
 from .store import Store, spec_key
-from .tasks import get_task
 
 DAMPING_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 VALIDATION_FRACTION = 0.2
-RESULTS_TABLE = "results"
-COST_COLUMNS = ("train_s", "serve_s", "space_bytes", "n_trained", "n_members")
 ROW_COLUMNS = ("task", "method", "proj", "proj_dim", "ensemble", "I", "D", "L", "P", "shared_projection", "lds",
                "lds_sem", "damping", "damping_tuned", "lds_validation", "n_eval", "train_s", "serve_s", "space_bytes",
                "n_trained", "n_members", "device", "M", "alpha", "runs", "setting_key")
@@ -93,7 +90,7 @@ def versions() -> dict[str, str]:
 
 def tunes_damping(method: MethodSpec) -> bool:
     """True when c is to be chosen on the validation split."""
-    return method.name in DAMPED and method.damping is None
+    return method_record(method.name).damped and method.damping is None
 
 
 def setting_key(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, eval_spec: EvalSpec,
@@ -110,13 +107,12 @@ def run(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, eval_s
         validation_fraction: float = VALIDATION_FRACTION, truth: GroundTruth | None = None,
         progress: Progress | None = None) -> Result:
     """Attribute with one setting and score it by LDS; every stored artifact is reused."""
-    task = get_task(task) if isinstance(task, str) else task
-    store = store or Store()
-    dev = resolve_device(device)
+    task, ctx = resolve(task, store, device, progress)
+    store, dev = ctx.store, ctx.device
     truth = truth or ground_truth(task, eval_spec, store=store, device=dev, progress=progress)
     val, rest = validation_split(truth.values.shape[1], eval_spec.seed, validation_fraction)
     tuned = tunes_damping(method)
-    att = attribution.attribute(task, method, ensemble, store=store, device=device,
+    att = attribution.attribute(task, method, ensemble, store=store, device=dev,
                                 dampings=list(dampings) if tuned else None, progress=progress)
     validation: dict[float, float] = {}
     damping = att.damping
@@ -200,7 +196,8 @@ def sweep_settings(methods: Sequence[str], grid: str, projections: Sequence[str]
     pairs = []
     for proj in projections:
         for name in methods:
-            method = MethodSpec(name=name, proj=proj, proj_dim=proj_dim, damping=damping if name in DAMPED else None)
+            method = MethodSpec(name=name, proj=proj, proj_dim=proj_dim,
+                                damping=damping if method_record(name).damped else None)
             pairs += [(method, ens) for ens in grid_settings(grid)]
     return pairs
 
@@ -209,9 +206,8 @@ def plan_sweep(task: str | TaskSpec, pairs: Sequence[tuple[MethodSpec, EnsembleS
                eval_spec: EvalSpec = EvalSpec(), *, store: Store | None = None, device: str = "auto",
                table: str = RESULTS_TABLE) -> SweepPlan:
     """Count the work of a sweep: pending settings, models to train, member passes, whether each fits."""
-    task = get_task(task) if isinstance(task, str) else task
-    store = store or Store()
-    dev = resolve_device(device)
+    task, ctx = resolve(task, store, device)
+    store, dev = ctx.store, ctx.device
     dataset = load_dataset(task.dataset)
     settings = [(m, e, setting_key(task, m, e, eval_spec, dev)) for m, e in pairs]
     existing = store.read_table(table)
@@ -239,8 +235,8 @@ def sweep(task: str | TaskSpec, methods: Sequence[str], grid: str = "paper", *,
 
     Returns the rows of all the grid's settings (new and earlier), in grid order.
     """
-    task = get_task(task) if isinstance(task, str) else task
-    store = store or Store()
+    task, ctx = resolve(task, store, device, progress)
+    store, device = ctx.store, ctx.device
     pairs = sweep_settings(methods, grid, projections, damping)
     sp = plan_sweep(task, pairs, eval_spec, store=store, device=device, table=table)
     if not sp.fits:
@@ -252,85 +248,3 @@ def sweep(task: str | TaskSpec, methods: Sequence[str], grid: str = "paper", *,
         store.append_rows(table, [result.row()])
         report(progress, n + 1, len(pending), "settings")
     return results_for(store.read_table(table), [key for _, _, key in sp.settings])
-
-
-def results_for(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Rows of `frame` for the given setting keys, in that order (the last row of a key wins)."""
-    if frame.empty:
-        return frame
-    last = frame.drop_duplicates("setting_key", keep="last").set_index("setting_key")
-    present = [k for k in keys if k in last.index]
-    return last.loc[present].reset_index()[list(frame.columns)]
-
-
-# --- the Pareto frontier --------------------------------------------------------------------------
-def pareto(df: pd.DataFrame, cost_col: str, score_col: str = "lds") -> pd.DataFrame:
-    """Rows not dominated in (lower `cost_col`, higher `score_col`), sorted by cost.
-
-    A row is dominated when another costs no more and scores at least as high, one of them strictly.
-    """
-    if cost_col not in df.columns:
-        raise unknown_choice("cost column", cost_col, [c for c in df.columns if c in COST_COLUMNS] or COST_COLUMNS)
-    ordered = df.dropna(subset=[cost_col, score_col]).sort_values([cost_col, score_col], ascending=[True, False])
-    keep, best = [], -np.inf
-    for idx, score in zip(ordered.index, ordered[score_col]):
-        if score > best:
-            keep.append(idx)
-            best = score
-    return ordered.loc[keep]
-
-
-# --- the LDS-vs-cost figure -----------------------------------------------------------------------
-COST_LABELS = {"train_s": "training seconds", "serve_s": "serving seconds", "space_bytes": "space (bytes)",
-               "n_trained": "independently trained models", "n_members": "members"}
-SERIES_COLORS = {"naive": "#4C78A8", "dropout": "#E45756", "dropout (shared proj.)": "#FF9DA6",
-                 "dropout-forward": "#F58518", "lora": "#54A24B", "lora (shared proj.)": "#88D27A",
-                 "proj-seeds": "#9D9D9D"}
-
-
-def series_label(row: pd.Series) -> str:
-    """The series a row belongs to: ensemble kind, marked when its members share a projection."""
-    shared = str(row.get("shared_projection")).lower() == "true"
-    return f"{row['ensemble']} (shared proj.)" if shared and row["ensemble"] in ("dropout", "lora") else row["ensemble"]
-
-
-def sweep_figure(df: pd.DataFrame, x: str = "train_s", log_x: bool = True):  # noqa: ANN201 - a plotly Figure
-    """LDS (with standard error) against a cost column: one panel per (method, projection), one line per
-    ensemble series through its settings in cost order, the Pareto frontier of each panel dotted."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    if x not in COST_LABELS:
-        raise unknown_choice("x axis", x, list(COST_LABELS))
-    df = df.assign(series=df.apply(series_label, axis=1))
-    methods, projs = sorted(df["method"].unique()), sorted(df["proj"].unique())
-    fig = make_subplots(rows=len(methods), cols=len(projs), shared_yaxes=True, shared_xaxes=False,
-                        subplot_titles=[f"{m} · {p} projection" for m in methods for p in projs],
-                        vertical_spacing=0.12, horizontal_spacing=0.06)
-    shown: set[str] = set()
-    for r, method in enumerate(methods, 1):
-        for c, proj in enumerate(projs, 1):
-            panel = df[(df["method"] == method) & (df["proj"] == proj)]
-            for series, part in panel.groupby("series", sort=False):
-                part = part.sort_values(x)
-                label = [f"I={i}" + (f" D={d}" if s.startswith("dropout") else f" L={l}" if s.startswith("lora")
-                                     else f" P={p}" if s == "proj-seeds" else "")
-                         for i, d, l, p, s in zip(part["I"], part["D"], part["L"], part["P"], part["series"])]
-                fig.add_trace(go.Scatter(x=part[x], y=part["lds"], error_y=dict(array=part["lds_sem"], width=2),
-                                         mode="lines+markers", name=series, legendgroup=series,
-                                         showlegend=series not in shown, text=label,
-                                         hovertemplate="%{text}<br>LDS %{y:.3f}<br>" + x + " %{x:.3g}",
-                                         line=dict(color=SERIES_COLORS.get(series, "#333"), width=1.5,
-                                                   dash="dash" if series == "proj-seeds" else "solid")),
-                              row=r, col=c)
-                shown.add(series)
-            front = pareto(panel, x)
-            fig.add_trace(go.Scatter(x=front[x], y=front["lds"], mode="lines", line=dict(color="black", dash="dot",
-                                     shape="hv", width=1), name="Pareto frontier", legendgroup="pareto",
-                                     showlegend="pareto" not in shown, hoverinfo="skip"), row=r, col=c)
-            shown.add("pareto")
-            fig.update_xaxes(title_text=COST_LABELS[x], type="log" if log_x else "linear", row=r, col=c)
-        fig.update_yaxes(title_text="LDS", row=r, col=1)
-    fig.update_layout(height=380 * len(methods) + 80, width=560 * len(projs) + 200, template="plotly_white",
-                      title=f"LDS against {COST_LABELS[x]} ({', '.join(sorted(df['task'].unique()))})")
-    return fig

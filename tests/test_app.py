@@ -16,7 +16,8 @@ from streamlit.testing.v1 import AppTest
 from tda_core import tasks
 from tda_core.attribution import attribute
 from tda_core.evaluation import ground_truth
-from tda_core.experiments import RESULTS_TABLE, run
+from tda_core.experiments import run
+from tda_core.results import RESULTS_TABLE
 from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec, Recipe
 from tda_core.store import Store
 
@@ -225,7 +226,7 @@ def test_top_k_and_reverse_follow_the_score_matrix():
     import numpy as np
 
     from tda_core.data import load_dataset
-    from tda_core.explore import reverse_top_k, top_k
+    from tda_core.score_analysis import reverse_top_k, top_k
 
     digits = load_dataset("digits")
     scores = np.random.default_rng(0).normal(size=(digits.n_train, digits.n_test))
@@ -241,7 +242,7 @@ def test_top_k_and_reverse_follow_the_score_matrix():
 def test_compare_counts_overlap_and_rank_correlation():
     import numpy as np
 
-    from tda_core.explore import compare, member_agreement
+    from tda_core.score_analysis import compare, member_agreement
 
     a = np.arange(20, dtype=float)[:, None] * np.ones((1, 3))
     same, reversed_ = compare(a, a * 2 + 1, 0, 5), compare(a, -a, 0, 5)
@@ -256,7 +257,7 @@ def test_compare_counts_overlap_and_rank_correlation():
 def test_hub_share_separates_shared_from_distinct_proponents():
     import numpy as np
 
-    from tda_core.explore import hub_share
+    from tda_core.score_analysis import hub_share
 
     shared = np.zeros((100, 10))
     shared[:3] = 1.0  # the same three examples top every column
@@ -267,7 +268,7 @@ def test_hub_share_separates_shared_from_distinct_proponents():
 
 
 def test_settings_from_urls_keep_only_valid_values():
-    from tda_core.ui_state import make_setting, values_from_query
+    from tda_core.settings import make_setting, values_from_query
 
     values = values_from_query({"task": "digits-mlp", "kind": "lora", "I": "2", "L": "99", "method": "nope"})
     assert values == {"task": "digits-mlp", "kind": "lora", "I": 2}

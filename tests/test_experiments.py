@@ -12,8 +12,8 @@ from tda_core import experiments
 from tda_core.cli import main
 from tda_core.errors import UserError
 from tda_core.evaluation import ground_truth, lds_against
-from tda_core.experiments import (DAMPING_GRID, grid_settings, pareto, run, sweep, sweep_figure, sweep_settings,
-                                  validation_split)
+from tda_core.experiments import DAMPING_GRID, grid_settings, run, sweep, sweep_settings, validation_split
+from tda_core.results import lds_cost_figure, pareto
 from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec
 from tda_core.tasks import TASKS, get_task
 
@@ -108,7 +108,7 @@ def test_sweep_is_resumable_and_the_cli_reads_the_results(tiny, store, monkeypat
     assert code == 0 and "14 already in the results table, 0 to run" in out.err
     assert len(json.loads(out.out)) == len(frame) and plot.read_text().count("Pareto frontier") >= 1
     assert len(store.read_table("results")) == len(frame)
-    fig = sweep_figure(frame, "serve_s")
+    fig = lds_cost_figure(frame, "serve_s")
     assert len(fig.layout.annotations) == 2  # one panel per (method, projection)
 
 
