@@ -27,7 +27,7 @@ from .features import GradientSource, all_param_names, derive_seed, mask_average
 from .lora import load_or_finetune_lora, with_adapter
 from .models.dropout import draw_masks, fixed_masks, mask_shapes
 from .registry import Registry
-from .specs import EnsembleSpec, MethodSpec, TaskSpec
+from .specs import EnsembleSpec, MethodSpec, TaskSpec, method_record
 from .store import Store
 from .training import TrainedModel, dropout_rates
 
@@ -209,6 +209,20 @@ def mask_averaged_q(model: nn.Module, masks: list[dict[str, torch.Tensor]], x: t
     return torch.cat(out)
 
 
+def _forward_only_check(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec) -> None:
+    """With the plain gradient the masks enter only TRAK's Q; where there is no Q the member is the naive one."""
+    if ensemble.forward_grad != "plain":
+        return
+    if task.sequence:
+        raise UserError("dropout-forward would compute exactly the naive member here: its masks enter only TRAK's "
+                        "Q = 1 - p, and sequence targets have no Q; use --ensemble dropout (or --forward-grad "
+                        "mask-mean for the gradient of the mask-averaged target)")
+    if not method_record(method.name).uses_q:
+        raise UserError(f"dropout-forward would compute exactly the naive member with {method.name}: its masks "
+                        "enter only TRAK's Q, which this method does not use; use --method trak, --ensemble dropout "
+                        "or --forward-grad mask-mean")
+
+
 def _forward_members(ctx: MemberContext, base: TrainedModel) -> Iterator[Member]:
     ens, model = ctx.ensemble, base.model
     rates, shapes = _rates(model, ens), _mask_shapes(ctx, model)
@@ -255,7 +269,7 @@ register_kind(EnsembleKind(
     description="member (i, d): model i with dropout fixed to mask d, on the training and the test side"))
 register_kind(EnsembleKind(
     "dropout-forward", "Dropout forward-only", _forward_members, lambda e: 1, "D", "dropout masks",
-    ("dropout_p", "forward_grad"), lambda e, j: f", Q over {e.D} masks",
+    ("dropout_p", "forward_grad"), lambda e, j: f", Q over {e.D} masks", check=_forward_only_check,
     description="one member per model; the D masks enter only forward-only quantities (TRAK's Q)"))
 register_kind(EnsembleKind(
     "lora", "LoRA (I x L)", _lora_members, lambda e: e.L, "L", "LoRA fine-tunes",

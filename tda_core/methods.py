@@ -53,26 +53,30 @@ def _cholesky_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (evecs @ (inv[:, None] * (evecs.T @ b.double()))).to(b.dtype)
 
 
-def kernel_scores(phi: torch.Tensor, phi_test: torch.Tensor, dampings: Sequence[float]) -> dict[float, torch.Tensor]:
+def kernel_scores(phi: torch.Tensor, phi_test: torch.Tensor, dampings: Sequence[float],
+                  form: str = "auto") -> dict[float, torch.Tensor]:
     """For each c: phi (phi^T phi + lambda I)^-1 phi_test^T, lambda = c trace(phi^T phi) / min(n, k).
 
-    Uses the k x k kernel when k <= n, else the n x n dual form (push-through identity).
+    `form` 'primal' solves with the k x k kernel, 'dual' with the n x n Gram matrix (push-through identity:
+    phi (phi^T phi + lam)^-1 = (phi phi^T + lam)^-1 phi); 'auto' takes the smaller one.
     """
     n, k = phi.shape
+    if form not in ("auto", "primal", "dual"):
+        raise ValueError(f"form must be auto, primal or dual, got {form!r}")
     trace = float((phi * phi).sum())
+    lam_of = {c: c * trace / min(n, k) for c in dampings}
     out = {}
-    if k <= n:
+    if form == "primal" or (form == "auto" and k <= n):
         gram = phi.T @ phi
         eye = torch.eye(k, dtype=phi.dtype, device=phi.device)
         for c in dampings:
-            lam = c * trace / k
-            out[c] = phi @ _cholesky_solve(gram + lam * eye, phi_test.T)
-    else:  # phi (phi^T phi + lam)^-1 = (phi phi^T + lam)^-1 phi
+            out[c] = phi @ _cholesky_solve(gram + lam_of[c] * eye, phi_test.T)
+    else:
         gram = phi @ phi.T
         cross = phi @ phi_test.T
         eye = torch.eye(n, dtype=phi.dtype, device=phi.device)
         for c in dampings:
-            out[c] = _cholesky_solve(gram + c * trace / n * eye, cross)
+            out[c] = _cholesky_solve(gram + lam_of[c] * eye, cross)
     return out
 
 

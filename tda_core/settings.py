@@ -106,3 +106,63 @@ def values_from_query(query: dict[str, str]) -> dict[str, Any]:
         elif key in LIMITS and text.isdigit() and LIMITS[key][0] <= int(text) <= LIMITS[key][1]:
             out[key] = int(text)
     return out
+
+
+# --- a setting written as text: "kind=dropout,I=2,D=5" -------------------------------------------------------
+METHOD_KEYS = {"method": "name", "proj": "proj", "proj_dim": "proj_dim", "proj_dtype": "proj_dtype",
+               "dense_kind": "dense_kind", "proj_seed": "seed", "damping": "damping", "hessian": "hessian"}
+ENSEMBLE_KEYS = {"kind": "kind", "I": "I", "D": "D", "L": "L", "P": "P", "dropout_p": "dropout_p", "masks": "masks",
+                 "lora_rank": "lora_rank", "lora_alpha": "lora_alpha", "lora_epochs": "lora_epochs",
+                 "lora_lr": "lora_lr", "lora_grad": "lora_grad", "shared_projection": "shared_projection",
+                 "forward_grad": "forward_grad", "seed": "seed"}
+
+
+def _convert(text: str, field: dataclasses.Field, key: str) -> Any:
+    from .errors import UserError
+
+    if key == "damping" and text in ("tuned", "none", "None"):
+        return None
+    if key == "dropout_p" and text in ("none", "None"):
+        return None
+    kind = str(field.type)
+    try:
+        if "bool" in kind:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if "int" in kind and "float" not in kind:
+            return int(text)
+        if "float" in kind:
+            return float(text)
+    except ValueError:
+        raise UserError(f"cannot read {key}={text!r}: expected {kind.replace(' | None', '')}") from None
+    return text
+
+
+def parse_setting(text: str, method: MethodSpec | None = None,
+                  ensemble: EnsembleSpec | None = None) -> tuple[MethodSpec, EnsembleSpec]:
+    """(method, ensemble) from 'key=value' pairs separated by commas, e.g. 'kind=dropout,I=2,D=5' or
+    'method=grad-dot,proj=dense'; keys not given keep `method` / `ensemble` (default: TRAK, Kronecker, damping
+    tuned; naive I = 1). Unknown keys raise a UserError listing the valid ones."""
+    from .errors import UserError
+
+    method = method or MethodSpec(proj="kron", damping=None)
+    ensemble = ensemble or EnsembleSpec()
+    m_fields = {f.name: f for f in dataclasses.fields(MethodSpec)}
+    e_fields = {f.name: f for f in dataclasses.fields(EnsembleSpec)}
+    m_values, e_values = {}, {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not value:
+            raise UserError(f"cannot read {part!r} in setting {text!r}: write key=value pairs, e.g. kind=dropout,I=2,D=5")
+        if key in METHOD_KEYS:
+            name = METHOD_KEYS[key]
+            m_values[name] = _convert(value, m_fields[name], key)
+        elif key in ENSEMBLE_KEYS or key == "ensemble":
+            name = ENSEMBLE_KEYS.get(key, "kind")
+            e_values[name] = _convert(value, e_fields[name], key)
+        else:
+            raise UserError(f"unknown setting key {key!r}; valid keys: "
+                            f"{', '.join([*METHOD_KEYS, *ENSEMBLE_KEYS])}")
+    return dataclasses.replace(method, **m_values), dataclasses.replace(ensemble, **e_values)

@@ -140,8 +140,8 @@ class MethodSpec:
     """A TDA method with its projection and damping (TRAK: lambda = damping * trace(K) / k).
 
     proj: dense JL, Kronecker-structured JL (kron: rank-one sketches of every layer's input and
-    output gradient) or none (exact gradients). proj_dtype (dense): bfloat16 inputs with float32
-    accumulation, or float32. hessian (IF only): empirical Fisher in feature
+    output gradient) or none (exact gradients). proj_dtype (dense): bfloat16 gradients times a bfloat16
+    matrix, accumulated by the kernel and rounded to bfloat16 (relative error ~2e-3), or float32 throughout. hessian (IF only): empirical Fisher in feature
     space, or by conjugate gradient on the full parameters the Gauss-Newton matrix or the exact
     Hessian (both need proj 'none'; small models).
     """

@@ -19,6 +19,7 @@ from tda_core.evaluation import ground_truth
 from tda_core.experiments import run
 from tda_core.results import RESULTS_TABLE
 from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec, Recipe
+from tda_core.tasks import get_task
 from tda_core.store import Store
 
 TRAK = MethodSpec("trak", proj="kron", proj_dim=2048)  # the app's default method
@@ -155,7 +156,8 @@ def test_build_shows_plan_costs_and_lds(app_store):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Models to train"] == "0" and metrics["Members"] == "2"
     assert metrics["Trained / members"] == "1 / 2"
-    assert float(metrics["LDS"].split(" ± ")[0]) > -1
+    want = run(get_task("digits-mlp"), TRAK, MAIN, EVAL, store=app_store, device="cpu")  # the same stored inputs
+    assert metrics["LDS"] == f"{want.lds:.3f} ± {want.lds_sem:.3f}"
     assert "in the results table" in texts(at.caption)
 
 

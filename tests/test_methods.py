@@ -87,20 +87,18 @@ def test_trak_without_projection_equals_closed_form_on_a_linear_model():
 
 def test_kernel_scores_primal_dual_and_float64_agree():
     g = torch.Generator().manual_seed(0)
-    phi, phi_t = torch.randn(40, 25, generator=g), torch.randn(7, 25, generator=g)
-    primal = kernel_scores(phi, phi_t, [0.1, 2.0])
-    dual = kernel_scores(phi[:, :], torch.cat([phi_t], 0), [0.1, 2.0])
-    wide, wide_t = torch.randn(15, 60, generator=g), torch.randn(7, 60, generator=g)
-    dual = kernel_scores(wide, wide_t, [0.3])[0.3]  # n < k: dual form
-    lam = 0.3 * float((wide * wide).sum()) / 15  # trace / min(n, k)
-    want = wide.double() @ torch.linalg.solve(wide.T.double() @ wide.double() + lam * torch.eye(60).double(),
-                                              wide_t.T.double())
-    assert torch.allclose(dual.double(), want, rtol=1e-3, atol=1e-4)
-    for c in (0.1, 2.0):
-        lam = c * float((phi * phi).sum()) / 25
-        ref = phi.double() @ torch.linalg.solve(phi.T.double() @ phi.double() + lam * torch.eye(25).double(),
-                                                phi_t.T.double())
-        assert float((primal[c].double() - ref).norm() / ref.norm()) < 1e-5
+    for n, k in ((40, 25), (15, 60)):  # k <= n (auto takes the primal form) and k > n (auto takes the dual)
+        phi, phi_t = torch.randn(n, k, generator=g), torch.randn(7, k, generator=g)
+        primal = kernel_scores(phi, phi_t, [0.1, 2.0], form="primal")
+        dual = kernel_scores(phi, phi_t, [0.1, 2.0], form="dual")
+        auto = kernel_scores(phi, phi_t, [0.1, 2.0])
+        for c in (0.1, 2.0):
+            lam = c * float((phi * phi).sum()) / min(n, k)
+            ref = phi.double() @ torch.linalg.solve(phi.T.double() @ phi.double() + lam * torch.eye(k).double(),
+                                                    phi_t.T.double())
+            for got in (primal[c], dual[c], auto[c]):
+                assert float((got.double() - ref).norm() / ref.norm()) < 1e-4
+            assert float((primal[c] - dual[c]).norm() / dual[c].norm()) < 1e-4
 
 
 @pytest.mark.parametrize("rows", [40, 12])  # k = 25 <= rows: k x k Cholesky; k > rows: Woodbury

@@ -6,6 +6,7 @@ a valid `--method` / `--ensemble` everywhere at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ..ensembles import ENSEMBLES
 from ..methods import METHODS, hessians
@@ -21,6 +22,23 @@ from ..specs import (
 )
 
 
+def add_projection_options(p: argparse.ArgumentParser) -> None:
+    """--proj-dim, --proj-dtype, --dense-kind and --proj-seed."""
+    p.add_argument("--proj-dim", type=int, default=2048, help="projection dimension k")
+    p.add_argument("--proj-dtype", default="bfloat16", choices=PROJ_DTYPES,
+                   help="dense projection arithmetic: bfloat16 gradients times a bfloat16 matrix, accumulated by the "
+                        "kernel and rounded to bfloat16 (default; relative error ~2e-3, LDS unchanged, fast on CPUs "
+                        "with bfloat16 units and on GPUs) or float32 throughout")
+    p.add_argument("--dense-kind", default="gaussian", choices=DENSE_KINDS, help="dense projection entries")
+    p.add_argument("--proj-seed", type=int, default=0, help="seed of the projections")
+
+
+def method_template(args: argparse.Namespace) -> MethodSpec:
+    """A MethodSpec holding the parsed projection options (name, projection and damping left at defaults)."""
+    return MethodSpec(proj_dim=args.proj_dim, proj_dtype=args.proj_dtype, dense_kind=args.dense_kind,
+                      seed=args.proj_seed)
+
+
 def add_setting_options(p: argparse.ArgumentParser, *, default_proj: str, default_damping: float | None,
                         damping_help: str) -> None:
     """--method, projection options, --damping and every ensemble option."""
@@ -30,13 +48,7 @@ def add_setting_options(p: argparse.ArgumentParser, *, default_proj: str, defaul
                    help="; ".join(f"{name}: {m.label}" for name, m in METHODS.items()))
     p.add_argument("--proj", default=default_proj, choices=PROJECTIONS.names(),
                    help="; ".join(f"{name}: {cls.label}" for name, cls in PROJECTIONS.items()))
-    p.add_argument("--proj-dim", type=int, default=2048, help="projection dimension k")
-    p.add_argument("--proj-dtype", default="bfloat16", choices=PROJ_DTYPES,
-                   help="dense projection: bfloat16 inputs and matrix multiplied with float32 accumulation "
-                        "(default; fast on GPUs and AMX / AVX512-BF16 CPUs) or float32 (faster on CPUs without "
-                        "bfloat16 units)")
-    p.add_argument("--dense-kind", default="gaussian", choices=DENSE_KINDS, help="dense projection entries")
-    p.add_argument("--proj-seed", type=int, default=0, help="seed of the projections")
+    add_projection_options(p)
     p.add_argument("--damping", type=float, default=default_damping, help=damping_help)
     p.add_argument("--hessian", default="fisher", choices=hessians(),
                    help="IF curvature: fisher (feature space, labels sampled from the model), or by CG on the full "
@@ -62,9 +74,8 @@ def add_setting_options(p: argparse.ArgumentParser, *, default_proj: str, defaul
 
 def setting_from_args(args: argparse.Namespace) -> tuple[MethodSpec, EnsembleSpec]:
     """The validated (method, ensemble) specs of parsed setting options."""
-    method = MethodSpec(name=args.method, proj=args.proj, proj_dim=args.proj_dim, damping=args.damping,
-                        seed=args.proj_seed, dense_kind=args.dense_kind, hessian=args.hessian,
-                        proj_dtype=args.proj_dtype)
+    method = dataclasses.replace(method_template(args), name=args.method, proj=args.proj, damping=args.damping,
+                                 hessian=args.hessian)
     budgets = {field: getattr(args, field) for field in dict.fromkeys(k.budget for _, k in ENSEMBLES.items()
                                                                       if k.budget)}
     ensemble = EnsembleSpec(kind=args.ensemble, I=args.I, dropout_p=args.dropout_p, masks=args.masks,
