@@ -22,8 +22,15 @@ from .progress import Progress
 from .results import setting_label
 from .specs import EnsembleSpec, EvalSpec, MethodSpec, TaskSpec, ensemble_kind
 
-TABLE_COLUMNS = ("setting", "lds", "lds_sem", "lds_rep_se", "replicates", "n_trained", "n_members", "train_s",
-                 "serve_s", "space_bytes")
+# results-table column -> header shown in Markdown (tests/test_docs.py reads the README's tables back through it)
+HEADERS = {"setting": "setting", "lds": "LDS", "lds_sem": "per-example SE", "lds_rep_se": "replicate SE",
+           "replicates": "replicates", "n_trained": "trained models", "n_members": "members", "train_s": "train s",
+           "serve_s": "serve s", "space_mb": "space MB", "versus": "versus", "difference": "difference",
+           "low": "95% low", "high": "95% high", "verdict": "verdict"}
+TABLE_COLUMNS = ("setting", "lds", "lds_sem", "lds_rep_se", "n_trained", "n_members", "train_s", "serve_s", "space_mb")
+PAIRED_COLUMNS = ("setting", "versus", "difference", "low", "high", "verdict")
+DIGITS = {"lds": 3, "lds_sem": 3, "lds_rep_se": 3, "train_s": 1, "serve_s": 1, "space_mb": 1, "difference": 3,
+          "low": 3, "high": 3}
 
 
 def baselines(method: MethodSpec, ensemble: EnsembleSpec) -> dict[str, EnsembleSpec]:
@@ -56,16 +63,22 @@ def paired_table(store, keyed: dict[tuple[MethodSpec, EnsembleSpec], str], label
                                        "lds_baseline"])
 
 
-def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
-    """A GitHub Markdown table (numbers rounded; NaN as blank)."""
-    def cell(v: object) -> str:
-        if isinstance(v, float):
-            return "" if np.isnan(v) else f"{v:.{digits}f}"
+def markdown(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table of `frame` under `HEADERS`, numbers rounded by `DIGITS` (NaN blank)."""
+    def cell(column: str, v: object) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "" if np.isnan(v) else f"{v:.{DIGITS.get(column, 3)}f}"
         return str(v)
 
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
+    lines = ["| " + " | ".join(HEADERS.get(c, c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(c, v) for c, v in zip(frame.columns, row)) + " |"
+              for row in frame.itertuples(False)]
     return "\n".join(lines) + "\n"
+
+
+def with_space_mb(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with `space_mb` = space in megabytes (10^6 bytes)."""
+    return frame.assign(space_mb=frame["space_bytes"] / 1e6)
 
 
 def make_report(task: str | TaskSpec, methods: Sequence[str], grid: str, out: str | Path, *,
@@ -92,9 +105,9 @@ def make_report(task: str | TaskSpec, methods: Sequence[str], grid: str, out: st
             f"LDS on the evaluation split ({int(frame['n_eval'].iloc[0])} test examples), damping tuned on the "
             f"validation split. Seed replicates per setting: {replicates}. Ground-truth reliability "
             f"{reliability:.3f}, LDS ceiling {ceiling:.3f} (sqrt of the reliability; NaN with one run per subset).",
-            "", "## Settings", "", markdown(frame[list(TABLE_COLUMNS)]),
+            "", "## Settings", "", markdown(with_space_mb(frame)[list(TABLE_COLUMNS)]),
             "## Paired differences (95% bootstrap intervals over test examples and replicates)", "",
-            markdown(paired[["setting", "versus", "difference", "low", "high", "verdict"]], digits=3)]
+            markdown(paired[list(PAIRED_COLUMNS)])]
     out.with_suffix(".md").write_text("\n".join(text))
     return frame, paired
 
