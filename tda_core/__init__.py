@@ -7,7 +7,7 @@ The public API (imported lazily, so ``import tda_core`` stays cheap):
 - `plan`, `attribute` -> `Attribution`; `ground_truth` -> `GroundTruth`; `lds` -> `LDS`; `run` -> `Result`;
   `sweep` -> a results DataFrame;
 - `EnsembleAttributor(task, method, ensemble, **options).fit()`, `.attribute(test_positions)`, `.top_k(...)`;
-- your own tasks: `register_task` (a model and arrays), `register_image_folder` / `add_image_folder`,
+- your own tasks: `register_task` (a model and arrays), `register_image_folder`,
   `load_user_tasks` (the tasks file and the image folders recorded in the store);
 - other tools: `scores_lds` (LDS of a score file), `read_score_file`, `export_ground_truth`.
 
@@ -26,7 +26,7 @@ _EXPORTS = {
     "ground_truth": "evaluation", "GroundTruth": "evaluation", "lds": "evaluation", "LDS": "evaluation",
     "run": "experiments", "sweep": "experiments", "Result": "experiments",
     "EnsembleAttributor": "attributor",
-    "register_task": "user_tasks", "register_image_folder": "user_tasks", "add_image_folder": "user_tasks",
+    "register_task": "user_tasks", "register_image_folder": "user_tasks",
     "load_user_tasks": "user_tasks",
     "scores_lds": "interop", "read_score_file": "interop", "export_ground_truth": "interop",
 }
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .specs import EnsembleSpec, EvalSpec, MethodSpec, Recipe, TaskSpec
     from .store import Store
     from .tasks import get_task
-    from .user_tasks import add_image_folder, load_user_tasks, register_image_folder, register_task
+    from .user_tasks import load_user_tasks, register_image_folder, register_task
 
 
 def __getattr__(name: str) -> Any:

@@ -6,9 +6,9 @@ carry digests (of the arrays, or of the folder's settings; of the model's source
 weights), and every key also holds the fingerprint of the data's contents.
 
 - `register_task(name, model_fn, x_train, y_train, x_test, y_test, recipe)`: classification on your arrays.
-- `register_image_folder(name, path)`: a class-per-subfolder image folder with a built-in model;
-  `add_image_folder` also records it in the store so later processes (`python -m tda_core ...`, the app)
-  register it again (`python -m tda_core add-image-folder`).
+- `register_image_folder(name, path)`: a class-per-subfolder image folder with a built-in model; with
+  `record_in=store` (`python -m tda_core add-image-folder`) it is recorded in the store, so later
+  processes (the CLI, the app) register it again.
 - `load_user_tasks()`: runs the tasks file (`--tasks-file` or $TDA_TASKS_FILE), a Python file calling the
   two functions above, and registers the store's image folders. Cheap when nothing changed.
 """
@@ -45,10 +45,7 @@ from .user_models import explain_gradient_failure, model_digest, prepare_model
 
 TASKS_FILE_ENV = "TDA_TASKS_FILE"
 FOLDER_TABLE = "user_tasks"  # the store's table of image folders added with `add-image-folder`
-FOLDER_MODELS = {
-    "mlp": Recipe(epochs=50, batch_size=64, lr=0.01, optimizer="sgd", momentum=0.9),
-    "resnet9": Recipe(epochs=20, batch_size=128, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4),
-}
+FOLDER_MODELS = {"mlp": TASKS["mnist-mlp"].recipe, "resnet9": TASKS["cifar2-resnet9"].recipe}  # default recipes
 BUILT_IN = frozenset(TASKS)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ORIGINS: dict[str, str] = {}  # user task name -> where it was registered
@@ -85,15 +82,19 @@ def _digest(*parts: torch.Tensor | str) -> str:
 
 
 # --- your model, your arrays ---------------------------------------------------------------------
-def _as_tensor(value: Any, dtype: torch.dtype, what: str) -> torch.Tensor:
+def _as_tensor(value: Any, dtype: torch.dtype | None, what: str) -> torch.Tensor:
+    """A contiguous tensor of `dtype`; None: int64 for integer arrays (token ids), else float32."""
     try:
-        return torch.as_tensor(np.asarray(value), dtype=dtype).contiguous()
+        array = np.asarray(value.detach().cpu() if torch.is_tensor(value) else value)
+        if dtype is None:
+            dtype = torch.int64 if array.dtype.kind in "iub" else torch.float32
+        return torch.as_tensor(array, dtype=dtype).contiguous()
     except (TypeError, ValueError) as exc:
         raise UserError(f"{what} must be a numeric array: {exc}") from None
 
 
 def _arrays(x_train, y_train, x_test, y_test, train_index, test_index) -> tuple[torch.Tensor, ...]:
-    xs = [_as_tensor(x, torch.float32, n) for x, n in ((x_train, "x_train"), (x_test, "x_test"))]
+    xs = [_as_tensor(x, None, n) for x, n in ((x_train, "x_train"), (x_test, "x_test"))]
     ys = [_as_tensor(y, torch.int64, n) for y, n in ((y_train, "y_train"), (y_test, "y_test"))]
     for x, y, split in zip(xs, ys, ("train", "test")):
         if y.dim() != 1 or len(x) != len(y):
@@ -124,8 +125,13 @@ def _check_model(task: TaskSpec, dataset: Dataset, n_classes: int) -> None:
 
     model = init_model(task, 0).eval()
     x, y = dataset.x_train[:2], dataset.y_train[:2]
-    with torch.no_grad():
-        out = model(x)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:  # noqa: BLE001 - the user's model: say what it was given
+        raise UserError(f"the model fails on two training examples of shape {tuple(x.shape)} and dtype {x.dtype} "
+                        f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+                        ) from None
     if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != 2 or out.shape[1] < n_classes:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise UserError(f"the model must return logits of shape (batch, classes) with at least {n_classes} classes; "
@@ -151,8 +157,8 @@ def register_task(name: str, model_fn: Callable[[], nn.Module], x_train: Any, y_
     `model_fn()` builds a fresh model whose initial weights come from torch's global RNG (as torch.nn layers
     do), so every seed gives its own reproducible model; it maps a batch of `x` to logits (batch, classes).
     Plain `nn.Dropout` layers are found and made maskable (Dropout Ensembles); LoRA targets default to the
-    Linear and Conv2d layers. `x_*`: float arrays (N, ...), images as (N, C, H, W) in [0, 1]; `y_*`: int
-    labels (N,); `*_index`: each example's source index in your data (default 0..N-1). Scores are always
+    Linear and Conv2d layers. `x_*`: arrays (N, ...), float (images as (N, C, H, W) in [0, 1]) or integer
+    (token ids, kept int64); `y_*`: int labels (N,); `*_index`: each example's source index in your data (default 0..N-1). Scores are always
     train x test. Registering a name again replaces the task (its artifacts are keyed apart).
     """
     _check_name(name)
@@ -199,7 +205,7 @@ def register_task(name: str, model_fn: Callable[[], nn.Module], x_train: Any, y_
 # --- image folders ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class FolderTask:
-    """How an image folder becomes a task: what `add-image-folder` records in the store."""
+    """How an image folder becomes a task (what `add-image-folder` records in the store)."""
 
     name: str
     path: str
@@ -215,19 +221,16 @@ class FolderTask:
 
 def register_image_folder(name: str, path: str | Path, *, model: str = "mlp", width: float = 0.25,
                           recipe: Recipe | None = None, size: int | None = None, channels: int | None = None,
-                          test_fraction: float = 0.2, seed: int = 0, max_pixels: int = MAX_PIXELS) -> TaskSpec:
+                          test_fraction: float = 0.2, seed: int = 0, max_pixels: int = MAX_PIXELS,
+                          record_in: Store | None = None) -> TaskSpec:
     """Register an image folder (class-per-subfolder) as a task with a built-in model (mlp or resnet9).
 
     Size and channels are read from the image headers unless given; the images are decoded when the task's
     data is first loaded, and files that cannot be read are skipped and counted in one warning. ResNet-9's
     channel counts scale with `width` (0.25: CPU-sized). Without train/ and test/ subfolders a
-    `test_fraction` of every class is held out (drawn from `seed`).
+    `test_fraction` of every class is held out (drawn from `seed`). `record_in`: also record the folder in
+    this store, so later processes (`python -m tda_core ...`, the app) register it again.
     """
-    return _register_folder(_folder_task(name, path, model, width, recipe, size, channels, test_fraction, seed,
-                                         max_pixels))
-
-
-def _folder_task(name, path, model, width, recipe, size, channels, test_fraction, seed, max_pixels) -> FolderTask:
     _check_name(name)
     if model not in FOLDER_MODELS:
         raise unknown_choice("image-folder model", model, sorted(FOLDER_MODELS))
@@ -237,8 +240,16 @@ def _folder_task(name, path, model, width, recipe, size, channels, test_fraction
         size, channels = size or found_size, channels or found_channels
     if model == "resnet9" and size < 8:
         raise UserError(f"ResNet-9 pools three times and needs images of at least 8x8; these are {size}x{size}")
-    return FolderTask(name, str(listing.root), int(size), int(channels), model, float(width), recipe,
-                      float(test_fraction), int(seed), int(max_pixels))
+    folder = FolderTask(name, str(listing.root), int(size), int(channels), model, float(width), recipe,
+                        float(test_fraction), int(seed), int(max_pixels))
+    if record_in is None:
+        return _register_folder(folder)
+    with _registering(f"image folder {folder.path}"):
+        task = _register_folder(folder)
+    row = dataclasses.asdict(folder)
+    row["recipe"] = json.dumps(dataclasses.asdict(recipe)) if recipe else ""
+    record_in.append_rows(FOLDER_TABLE, [row])
+    return task
 
 
 def _register_folder(folder: FolderTask) -> TaskSpec:
@@ -265,22 +276,6 @@ def _register_folder(folder: FolderTask) -> TaskSpec:
         return SourceStatus("found" if Path(folder.path).is_dir() else "missing", folder.path)
 
     return _install(task, DatasetInfo(data_name, "image", f"image folder {folder.path}", load, locate))
-
-
-def add_image_folder(name: str, path: str | Path, *, store: Store | None = None, **options: Any) -> TaskSpec:
-    """`register_image_folder` and record it in the store, so later processes (CLI, app) register it again."""
-    folder = _folder_task(name, path, options.pop("model", "mlp"), options.pop("width", 0.25),
-                          options.pop("recipe", None), options.pop("size", None), options.pop("channels", None),
-                          options.pop("test_fraction", 0.2), options.pop("seed", 0),
-                          options.pop("max_pixels", MAX_PIXELS))
-    if options:
-        raise UserError(f"unknown image-folder options: {', '.join(options)}")
-    with _registering(f"image folder {folder.path}"):
-        task = _register_folder(folder)
-    row = dataclasses.asdict(folder)
-    row["recipe"] = json.dumps(dataclasses.asdict(folder.recipe)) if folder.recipe else ""
-    (store or Store()).append_rows(FOLDER_TABLE, [row])
-    return task
 
 
 def folder_records(store: Store) -> list[FolderTask]:

@@ -190,6 +190,24 @@ def test_model_without_dropout_says_dropout_ensembles_are_unavailable(user_regis
     assert naive.scores.shape == (200, 297)
 
 
+def test_integer_inputs_stay_token_ids_for_embedding_models(user_registries, store):
+    tokens = X_DIGITS.astype(np.int64)  # pixel intensities 0..16 as token ids
+
+    def embed() -> nn.Module:
+        return nn.Sequential(nn.Embedding(17, 4), nn.Flatten(), nn.Dropout(0.1), nn.Linear(256, 10))
+
+    task = register_task("digit-tokens", embed, tokens[:300], Y_DIGITS[:300], tokens[1500:], Y_DIGITS[1500:],
+                         Recipe(epochs=2, batch_size=64, lr=0.05))
+    dataset = load_dataset(task.dataset)
+    assert dataset.x_train.dtype == torch.int64 and dataset.kind == "features"
+    scores = attribute(task, MethodSpec("trak", "kron", proj_dim=32), EnsembleSpec("dropout", D=2), store=store,
+                       device="cpu", test_positions=[0, 1]).scores
+    assert scores.shape == (300, 2) and torch.isfinite(scores).all()
+    with pytest.raises(UserError, match=r"the model fails on two training examples of shape \(2, 1, 8, 8\) and dtype "
+                                        "torch.float32"):
+        register_digits("floats-into-embedding", embed, n_train=100)
+
+
 # --- image folders and tasks files ----------------------------------------------------------------------
 def write_pngs(folder, classes: dict[str, int], n: int, size: int = 10, mode: str = "RGB", seed: int = 0) -> None:
     rng = np.random.default_rng(seed)

@@ -10,7 +10,7 @@ from ..progress import tqdm_progress
 from ..specs import OPTIMIZERS, Recipe
 from ..store import Store
 from ..tasks import get_task
-from ..user_tasks import FOLDER_MODELS, add_image_folder, task_table
+from ..user_tasks import FOLDER_MODELS, register_image_folder, task_table
 from .common import emit
 from .evaluation import _eval_options, _eval_spec
 
@@ -26,10 +26,9 @@ def cmd_add_image_folder(args: argparse.Namespace) -> None:
         recipe = Recipe(epochs=args.epochs or base.epochs, batch_size=args.batch_size or base.batch_size,
                         lr=args.lr or base.lr, optimizer=args.optimizer or base.optimizer, momentum=base.momentum,
                         weight_decay=base.weight_decay)
-    store = Store(args.store)
-    task = add_image_folder(args.name, args.path, store=store, model=args.model, width=args.width, recipe=recipe,
-                            size=args.size, channels=args.channels, test_fraction=args.test_fraction,
-                            seed=args.split_seed)
+    task = register_image_folder(args.name, args.path, model=args.model, width=args.width, recipe=recipe,
+                                 size=args.size, channels=args.channels, test_fraction=args.test_fraction,
+                                 seed=args.split_seed, record_in=Store(args.store))
     dataset = load_dataset(task.dataset)  # decodes now: unreadable files are counted here
     emit({"task": task.name, "classes": ", ".join(dataset.class_names), "train/test": f"{dataset.n_train}/"
           f"{dataset.n_test}", "image": "x".join(map(str, dataset.x_train.shape[1:])), "model": task.model,
