@@ -5,7 +5,8 @@ The public API (imported lazily, so ``import tda_core`` stays cheap):
 - specs: `TaskSpec`, `Recipe`, `MethodSpec`, `EnsembleSpec`, `EvalSpec`; `get_task(name)`;
 - `Store`: the artifact store (checkpoints, features, scores, ground truth, result tables);
 - `plan`, `attribute` -> `Attribution`; `ground_truth` -> `GroundTruth`; `lds` -> `LDS`; `run` -> `Result`;
-  `sweep` -> a results DataFrame;
+  `sweep` -> a results DataFrame; `compare` -> `PairedComparison` (two settings on one ground truth: the LDS
+  difference with a paired bootstrap interval and a verdict);
 - `EnsembleAttributor(task, method, ensemble, **options).fit()`, `.attribute(test_positions)`, `.top_k(...)`;
 - your own tasks: `register_task` (a model and arrays), `register_image_folder`,
   `load_user_tasks` (the tasks file and the image folders recorded in the store);
@@ -24,7 +25,8 @@ _EXPORTS = {
     "get_task": "tasks", "Store": "store", "UserError": "errors",
     "plan": "attribution", "attribute": "attribution", "Attribution": "attribution",
     "ground_truth": "evaluation", "GroundTruth": "evaluation", "lds": "evaluation", "LDS": "evaluation",
-    "run": "experiments", "sweep": "experiments", "Result": "experiments",
+    "run": "experiments", "sweep": "experiments", "Result": "experiments", "compare": "experiments",
+    "PairedComparison": "comparison",
     "EnsembleAttributor": "attributor",
     "register_task": "user_tasks", "register_image_folder": "user_tasks",
     "load_user_tasks": "user_tasks",
@@ -37,7 +39,8 @@ if TYPE_CHECKING:
     from .attributor import EnsembleAttributor
     from .errors import UserError
     from .evaluation import LDS, GroundTruth, ground_truth, lds
-    from .experiments import Result, run, sweep
+    from .comparison import PairedComparison
+    from .experiments import Result, compare, run, sweep
     from .interop import export_ground_truth, read_score_file, scores_lds
     from .specs import EnsembleSpec, EvalSpec, MethodSpec, Recipe, TaskSpec
     from .store import Store

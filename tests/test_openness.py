@@ -71,16 +71,17 @@ def test_public_api_exports_documented_typed_objects():
     exec("from tda_core import *", namespace)
     assert set(tda_core.__all__) <= set(namespace)
     assert {"TaskSpec", "EnsembleSpec", "MethodSpec", "EvalSpec", "Recipe", "Store", "plan", "attribute",
-            "ground_truth", "lds", "run", "sweep", "register_task", "EnsembleAttributor"} <= set(tda_core.__all__)
-    assert "compare" not in tda_core.__all__  # comes with the comparisons issue
+            "ground_truth", "lds", "run", "sweep", "compare", "register_task",
+            "EnsembleAttributor"} <= set(tda_core.__all__)
     for name in tda_core.__all__:
         obj = getattr(tda_core, name)
         assert inspect.getdoc(obj), f"{name} has no docstring"
         if inspect.isfunction(obj):
             assert inspect.signature(obj).return_annotation is not inspect.Signature.empty, name
     assert tda_core.attribute is tda_core.attribution.attribute
+    assert tda_core.compare is tda_core.experiments.compare
     with pytest.raises(AttributeError):
-        tda_core.compare  # noqa: B018
+        tda_core.no_such_name  # noqa: B018
 
 
 # --- the attributor -----------------------------------------------------------------------------------
