@@ -83,7 +83,7 @@ def test_run_tunes_damping_on_the_validation_split_and_scores_the_rest(tiny, sto
     row = result.row()
     assert set(row) == set(experiments.ROW_COLUMNS)
     assert row["n_members"] == 1 and row["train_s"] > 0 and row["device"].startswith("cpu")
-    assert result.provenance["seeds"]["base_models"] == [0] and "torch" in result.provenance["versions"]
+    assert result.provenance["seeds"]["base_models"] == [[0]] and "torch" in result.provenance["versions"]
     # a fixed c is used as given and scored on the same evaluation split
     fixed = run(tiny, dataclasses.replace(KRON, damping=result.damping), EnsembleSpec("naive", I=1), EVAL,
                 store=store, device="cpu")
