@@ -5,16 +5,25 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 from ..errors import UserError
+from ..paths import store_dir
+from ..store import store_problem
 from .common import common_options
 
 COMMAND_MODULES = ("core", "attribution", "evaluation", "music")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument prints one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tda_core",
-                                     description="Ensemble TDA Explorer: train, attribute, evaluate.")
+    parser = OneLineParser(prog="python -m tda_core", description="Ensemble TDA Explorer: train, attribute, evaluate.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = common_options()
     for name in COMMAND_MODULES:
@@ -22,14 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_message(exc: OSError, store: Path) -> str:
+    """One line for a file-system error: a full or read-only store says so and what to do; any other
+    file names the path and the cause."""
+    path = Path(exc.filename) if exc.filename else None
+    if path is None or path.absolute().is_relative_to(store.absolute()):
+        problem = store_problem(store, exc)
+        if problem is not None:
+            return str(problem)
+    return f"cannot use {path or 'a file'}: {exc.strerror or exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user mistakes print one line and exit 2, never a traceback."""
+    """Run the CLI; user mistakes and file-system problems print one line and exit 2, never a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {os_error_message(exc, store_dir(args.store))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished artifacts are kept in the store", file=sys.stderr)
