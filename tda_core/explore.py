@@ -404,7 +404,7 @@ def record(result, store) -> None:  # noqa: ANN001 - experiments.Result, Store
     """Append a result's row to the results table (read by the LDS vs cost page)."""
     from .experiments import RESULTS_TABLE
 
-    store.append_rows(RESULTS_TABLE, [result.row()])
+    store.append_rows(RESULTS_TABLE, [result.row()], unique_by="setting_key")
 
 
 def all_stored(task, settings, store) -> bool:  # noqa: ANN001 - TaskSpec, [(MethodSpec, EnsembleSpec)], Store
