@@ -135,9 +135,9 @@ def _app_call(spec: dict[str, Any]) -> int:
     """What an app session computes: an attribution (browse page) or a run recorded in the table (build page)."""
     from safetensors.torch import save_file
 
-    from tda_core import explore
     from tda_core.attribution import attribute
     from tda_core.experiments import run
+    from tda_core.results import append_results, is_recorded
     from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec
     from tda_core.store import Store
 
@@ -147,8 +147,8 @@ def _app_call(spec: dict[str, Any]) -> int:
         save_file({"scores": result.scores.contiguous()}, spec["out"])
     else:
         result = run(spec["task"], method, ensemble, EvalSpec(**spec["eval"]), store=Store())
-        if not explore.is_recorded(result, Store()):
-            explore.record(result, Store())
+        if not is_recorded(result.setting_key, Store()):  # as the build page does
+            append_results(Store(), [result.row()])
         Path(spec["out"]).write_text(json.dumps({"lds": result.lds}))
     return 0
 

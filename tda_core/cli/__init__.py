@@ -10,10 +10,11 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..paths import store_dir
-from ..store import store_problem
+from ..store import Store, store_problem
+from ..user_tasks import load_user_tasks
 from .common import common_options
 
-COMMAND_MODULES = ("core", "attribution", "evaluation", "music")
+COMMAND_MODULES = ("core", "attribution", "evaluation", "music", "openness")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        load_user_tasks(args.tasks_file, Store(args.store))
         args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
