@@ -1,7 +1,8 @@
 """Fault injection: a worker that runs the CLI (or the core calls an app session makes) with tiny tasks, an
 audit log and optional injected faults; and the driver side that starts, kills, races and checks workers.
 
-Run as ``python -m tests.fault_harness cli <CLI args>`` or ``... app <JSON call>`` from the repository root.
+Run as ``python -m tests.fault_harness cli <CLI args>`` or ``... app <JSON call>`` from the repository root; the
+driver forks workers from a ``python -m tests.fault_harness zygote`` process that has imported everything once.
 Environment of a worker:
   TDA_FAULT_AUDIT  a file; every completed marker or table write appends {"t", "pid", "kind", "key"} to it,
                    and the worker appends {"event": "start"} when its imports are done
@@ -164,39 +165,126 @@ def worker_main(argv: list[str]) -> int:
 
 
 # --- the driver side -------------------------------------------------------------------------------
+def zygote_main() -> int:
+    """Import everything once, then fork a worker per request (a fresh interpreter costs seconds of imports;
+    a fork costs milliseconds, and a forked worker is killed, locks and writes exactly like a fresh one).
+
+    Requests and replies are JSON lines on stdin / stdout: {"op": "spawn", "argv", "env", "stdout", "stderr"}
+    -> {"pid"}; {"op": "wait", "pid", "block"} -> {"rc"} (None while running; -9 when SIGKILLed)."""
+    import tda_core.attribution  # noqa: F401 - imported before forking, so workers start at once
+    import tda_core.cli
+    import tda_core.experiments  # noqa: F401
+    import tda_core.results  # noqa: F401
+
+    tda_core.cli.build_parser()
+    replies = os.fdopen(os.dup(1), "w")
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "spawn":
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _forked_worker(request)
+            reply: dict[str, Any] = {"pid": pid}
+        else:
+            done, status = os.waitpid(request["pid"], 0 if request["block"] else os.WNOHANG)
+            reply = {"rc": os.waitstatus_to_exitcode(status) if done else None}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+    return 0
+
+
+def _forked_worker(request: dict[str, Any]) -> None:
+    code = 1
+    try:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
+        os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        result = worker_main(request["argv"])
+        code = result if isinstance(result, int) else 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - report it like a crashed interpreter would
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 @dataclasses.dataclass
 class Worker:
     """A started worker process and where it writes."""
 
-    proc: subprocess.Popen
+    zygote: "Zygote"
+    pid: int
     audit: Path
-    started: float
+    out: Path
+    err: Path
+    rc: int | None = None
 
-    def wait(self, timeout: float = 600) -> tuple[int, str, str]:
-        out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, err
+    def poll(self) -> int | None:
+        """Its exit code (negative: killed by that signal), or None while it runs."""
+        if self.rc is None:
+            self.rc = self.zygote.ask({"op": "wait", "pid": self.pid, "block": False})["rc"]
+        return self.rc
 
+    def wait(self) -> tuple[int, str, str]:
+        """Wait for it: (exit code, stdout, stderr)."""
+        if self.rc is None:
+            self.rc = self.zygote.ask({"op": "wait", "pid": self.pid, "block": True})["rc"]
+        return self.rc, self.out.read_text(), self.err.read_text()
 
-def start(args: list[str], store: Path, audit: Path, *, app: dict | None = None, fault: str | None = None,
-          data_dir: Path | None = None, barrier: int = 0) -> Worker:
-    """Start a worker on `store` running the CLI with `args` (or the app call `app`); with `barrier`, it
-    begins its work only once that many workers on the same audit log have started."""
-    env = {**os.environ, "TDA_STORE": str(store), "TDA_FAULT_AUDIT": str(audit), "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TDA_FAULT_BARRIER": str(barrier)}
-    if data_dir is not None:
-        env["TDA_DATA_DIR"] = str(data_dir)
-    env.pop("TDA_FAULT_AT", None)
-    if fault:
-        env["TDA_FAULT_AT"] = fault
-    argv = ["app", json.dumps(app)] if app is not None else ["cli", *args]
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fault_harness", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return Worker(proc, audit, time.time())
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
 
 
-def run(args: list[str], store: Path, audit: Path, **kw: Any) -> tuple[int, str, str]:
-    """Start a worker and wait for it: (exit code, stdout, stderr)."""
-    return start(args, store, audit, **kw).wait()
+class Zygote:
+    """A process that forks workers on request (`zygote_main`); close it when done."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        scratch.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fault_harness", "zygote"], cwd=REPO, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.count = 0
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the fault-harness zygote died")
+        return json.loads(line)
+
+    def start(self, args: list[str], store: Path, audit: Path, *, app: dict | None = None,
+              fault: str | None = None, barrier: int = 0) -> Worker:
+        """Start a worker on `store` running the CLI with `args` (or the app call `app`); with `barrier`, it
+        begins its work only once that many workers on the same audit log have started."""
+        env = {**os.environ, "TDA_STORE": str(store), "TDA_FAULT_AUDIT": str(audit),
+               "TDA_FAULT_BARRIER": str(barrier)}
+        env.pop("TDA_FAULT_AT", None)
+        if fault:
+            env["TDA_FAULT_AT"] = fault
+        self.count += 1
+        out, err = self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
+        argv = ["app", json.dumps(app)] if app is not None else ["cli", *args]
+        pid = self.ask({"op": "spawn", "argv": argv, "env": env, "stdout": str(out), "stderr": str(err)})["pid"]
+        return Worker(self, pid, audit, out, err)
+
+    def run(self, args: list[str], store: Path, audit: Path, **kw: Any) -> tuple[int, str, str]:
+        """Start a worker and wait for it: (exit code, stdout, stderr)."""
+        return self.start(args, store, audit, **kw).wait()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(60)
 
 
 def events(audit: Path, pid: int | None = None) -> list[dict[str, Any]]:
@@ -208,15 +296,15 @@ def events(audit: Path, pid: int | None = None) -> list[dict[str, Any]]:
 
 
 def wait_for_start(worker: Worker, timeout: float = 120) -> float:
-    """Block until the worker's imports are done; the time its work began."""
+    """Block until the worker's set-up is done; the time its work began."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        begun = [r["t"] for r in events(worker.audit, worker.proc.pid) if r.get("event") == "start"]
+        begun = [r["t"] for r in events(worker.audit, worker.pid) if r.get("event") == "start"]
         if begun:
             return begun[0]
-        if worker.proc.poll() is not None:
+        if worker.poll() is not None:
             raise RuntimeError(f"worker exited early: {worker.wait()}")
-        time.sleep(0.02)
+        time.sleep(0.002)
     raise TimeoutError("worker did not start")
 
 
@@ -224,16 +312,14 @@ def kill_after(worker: Worker, seconds: float) -> float | None:
     """SIGKILL the worker `seconds` after its work began; the kill time, or None when it finished first."""
     begun = wait_for_start(worker)
     while time.time() < begun + seconds:
-        if worker.proc.poll() is not None:
-            worker.wait()
-            return None
-        time.sleep(0.005)
-    if worker.proc.poll() is not None:
+        time.sleep(min(0.002, max(0.0, begun + seconds - time.time())))
+    if worker.poll() is not None:
         worker.wait()
         return None
-    worker.proc.send_signal(signal.SIGKILL)
-    worker.wait()
-    return time.time()
+    worker.kill()
+    killed_at = time.time()
+    rc = worker.wait()[0]
+    return killed_at if rc == -signal.SIGKILL else None
 
 
 def lost_seconds(audit: Path, pid: int, killed_at: float) -> float:
@@ -318,4 +404,4 @@ def leftovers(root: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))
+    sys.exit(zygote_main() if sys.argv[1:] == ["zygote"] else worker_main(sys.argv[1:]))

@@ -19,12 +19,21 @@ import torch
 
 from tda_core import store as store_module
 from tda_core.cli import main
+from tda_core.experiments import LDS_KIND
 from tda_core.store import Store
 
 from tests import fault_harness as fh
 
 pytestmark = pytest.mark.slow
 EXPENSIVE = ("checkpoints", "ground_truth_models", "features", "adapters")  # each must be computed once
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    """Forks the worker processes (one import for the module instead of one per process)."""
+    z = fh.Zygote(tmp_path_factory.mktemp("zygote"))
+    yield z
+    z.close()
 
 
 @pytest.fixture
@@ -72,9 +81,9 @@ KILLS = [("train", "marker:3"),  # two checkpoints stored, the third's tensors w
 
 
 @pytest.mark.parametrize(("command", "fault"), KILLS, ids=[c for c, _ in KILLS])
-def test_killed_mid_work_then_rerun_equals_an_uninterrupted_run(command, fault, references, tmp_path):
+def test_killed_mid_work_then_rerun_equals_an_uninterrupted_run(command, fault, references, zygote, tmp_path):
     store, audit = tmp_path / "store", tmp_path / "audit"
-    rc, _, _ = fh.run(fh.COMMANDS[command], store, audit, fault=fault)
+    rc, _, _ = zygote.run(fh.COMMANDS[command], store, audit, fault=fault)
     assert rc == -9  # SIGKILL
     total = _durable_total(references[command])
     done = len(fh.durable_writes(audit))
@@ -88,7 +97,10 @@ def test_killed_mid_work_then_rerun_equals_an_uninterrupted_run(command, fault, 
     assert fh.same_as_reference(store, reference) == []
     assert fh.leftovers(store) == []  # the rerun rewrote the torn key and removed the dead writer's temp file
     after = _markers(store)
-    assert {k: after[k] for k in survived} == survived  # what was durable was read, not redone
+    # what was durable was read, not redone; `run` rewrites a setting's per-example LDS record (derived from
+    # stored scores in milliseconds) each time it runs, and the setting killed before its row reruns
+    kept = {k: v for k, v in survived.items() if not k.startswith(f"{LDS_KIND}/")}
+    assert {k: after[k] for k in kept} == kept
     assert len(after) + len(fh.table_rows(store)) == total
     assert fh.table_rows(store).head(len(rows)).equals(rows)
     if command == "sweep":
@@ -109,12 +121,12 @@ def _writes(audit: Path) -> collections.Counter:
     return collections.Counter(fh.durable_writes(audit))
 
 
-def test_cli_and_app_racing_on_one_attribution_compute_it_once(tmp_path):
+def test_cli_and_app_racing_on_one_attribution_compute_it_once(zygote, tmp_path):
     store, audit = tmp_path / "store", tmp_path / "audit"
     cli_out, app_out = tmp_path / "cli.safetensors", tmp_path / "app.safetensors"
-    workers = [fh.start([*fh.COMMANDS["attribute"], "--save-scores", str(cli_out)], store, audit, barrier=2),
-               fh.start([], store, audit, barrier=2, app=_app("attribute", app_out, {"kind": "dropout", "I": 2,
-                                                                                     "D": 2}))]
+    workers = [zygote.start([*fh.COMMANDS["attribute"], "--save-scores", str(cli_out)], store, audit, barrier=2),
+               zygote.start([], store, audit, barrier=2,
+                            app=_app("attribute", app_out, {"kind": "dropout", "I": 2, "D": 2}))]
     assert [w.wait()[0] for w in workers] == [0, 0]
     twice = {k: n for k, n in _writes(audit).items() if n > 1 and k[0] in EXPENSIVE}
     assert twice == {}
@@ -126,11 +138,11 @@ def test_cli_and_app_racing_on_one_attribution_compute_it_once(tmp_path):
     assert len(stored) == 1 and torch.equal(a, b) and torch.equal(a, stored[0])
 
 
-def test_four_sweeps_and_app_sessions_record_every_setting_once(tmp_path, references):
+def test_two_sweeps_and_two_app_sessions_record_every_setting_once(zygote, tmp_path, references):
     store, audit = tmp_path / "store", tmp_path / "audit"
     method = {"name": "grad-dot", "proj": "kron", "damping": None}
-    workers = [fh.start(fh.COMMANDS["sweep"], store, audit, barrier=4) for _ in range(2)]
-    workers += [fh.start([], store, audit, barrier=4, app=_app("run", tmp_path / f"app{i}.json", ensemble, method))
+    workers = [zygote.start(fh.COMMANDS["sweep"], store, audit, barrier=4) for _ in range(2)]
+    workers += [zygote.start([], store, audit, barrier=4, app=_app("run", tmp_path / f"app{i}.json", ensemble, method))
                 for i, ensemble in enumerate([{"kind": "naive", "I": 2}, {"kind": "dropout", "I": 1, "D": 2}])]
     results = [w.wait() for w in workers]
     assert [r[0] for r in results] == [0] * 4, [r[2][-400:] for r in results]
