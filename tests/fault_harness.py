@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = "digits-tiny"
 EVAL = ["--M", "8"]
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # a model retrained in a different batch of vmapped models
+EXPENSIVE = ("checkpoints", "ground_truth_models", "features", "adapters")  # each must be computed once
 
 # The four long-running commands, each small enough for the normal suite (a few seconds of work).
 COMMANDS: dict[str, list[str]] = {
@@ -166,17 +170,25 @@ def worker_main(argv: list[str]) -> int:
 
 # --- the driver side -------------------------------------------------------------------------------
 def zygote_main() -> int:
-    """Import everything once, then fork a worker per request (a fresh interpreter costs seconds of imports;
-    a fork costs milliseconds, and a forked worker is killed, locks and writes exactly like a fresh one).
+    """Import everything and warm it up once (on a throw-away store), then fork a worker per request (a fresh
+    interpreter costs seconds of imports and first calls; a fork costs milliseconds, and a forked worker is
+    killed, locks and writes like a fresh one). With one thread per process (OMP_NUM_THREADS=1) the warm-up
+    leaves no threads behind, so forking is safe.
 
     Requests and replies are JSON lines on stdin / stdout: {"op": "spawn", "argv", "env", "stdout", "stderr"}
     -> {"pid"}; {"op": "wait", "pid", "block"} -> {"rc"} (None while running; -9 when SIGKILLed)."""
-    import tda_core.attribution  # noqa: F401 - imported before forking, so workers start at once
-    import tda_core.cli
-    import tda_core.experiments  # noqa: F401
-    import tda_core.results  # noqa: F401
+    import contextlib
+    import io
 
-    tda_core.cli.build_parser()
+    import tda_core.results  # noqa: F401 - imported before forking, so workers start at once
+    from tda_core.cli import main
+
+    register_tiny()
+    warm = Path(tempfile.mkdtemp(prefix="zygote-warm-up-"))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        for name in ("sweep", "attribute"):  # first calls of torch.func cost seconds; the workers start warm
+            main([*COMMANDS[name], "--store", str(warm), "--json"])
+    shutil.rmtree(warm)
     replies = os.fdopen(os.dup(1), "w")
     for line in sys.stdin:
         request = json.loads(line)
@@ -401,6 +413,82 @@ def leftovers(root: Path) -> list[str]:
     temps = [str(p.relative_to(root)) for p in root.rglob("*.tmp")]
     orphans = [str(p.relative_to(root)) for p in root.rglob("*.safetensors") if not p.with_suffix(".json").exists()]
     return temps + orphans
+
+
+# --- shared by the tests and the benchmark ----------------------------------------------------------
+def run_here(args: list[str], store: Path, quiet: bool = False) -> int:
+    """The CLI in this process on `store`, with the tiny task and one thread (as the workers run); `quiet`
+    also swallows what it writes to stderr."""
+    import contextlib
+    import io
+
+    import torch
+
+    from tda_core.cli import main
+
+    threads = torch.get_num_threads()
+    with (tiny_registered(), contextlib.redirect_stdout(io.StringIO()),
+          contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()):
+        torch.set_num_threads(1)
+        try:
+            return main([*args, "--store", str(store), "--json"])
+        finally:
+            torch.set_num_threads(threads)
+
+
+def markers(root: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime) of every marker: what a rerun must leave untouched when it resumes."""
+    return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*.json")}
+
+
+DAMAGES = ("truncate", "zero-fill", "bit-flip", "delete")
+
+
+def damage(path: Path, how: str, where: float = 0.75) -> None:
+    """Damage a file: cut it at `where` (a fraction of its length), zero it, flip one bit there, or delete it."""
+    data = bytearray(path.read_bytes())
+    at = min(len(data) - 1, int(where * len(data)))
+    if how == "truncate":
+        path.write_bytes(bytes(data[:at]))
+    elif how == "zero-fill":
+        path.write_bytes(bytes(len(data)))
+    elif how == "bit-flip":  # at 0.75: in the payload of a tensor file, in the meta of a marker
+        data[at] ^= 0x10
+        path.write_bytes(bytes(data))
+    elif how == "delete":
+        path.unlink()
+    else:
+        raise ValueError(how)
+
+
+@functools.cache
+def can_mount() -> bool:
+    """True when this process may mount a tmpfs (root with mount rights): real full and read-only disks."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    probe = Path(tempfile.mkdtemp(prefix="tda-mount-probe-"))
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True)
+    if ok.returncode == 0:
+        subprocess.run(["umount", str(probe)], check=True)
+    probe.rmdir()
+    return ok.returncode == 0
+
+
+@contextmanager
+def small_disk(where: Path, size: str = "2m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `where` (needs `can_mount()`), unmounted afterwards."""
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill a disk with a filler file, leaving about `leave` bytes free."""
+    free = shutil.disk_usage(disk).free
+    (disk / "filler").write_bytes(bytes(max(0, free - leave)))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import io
 import errno
+import io
 import json
 import os
 import shutil
@@ -25,7 +25,6 @@ from tda_core.store import Store
 from tests import fault_harness as fh
 
 pytestmark = pytest.mark.slow
-EXPENSIVE = ("checkpoints", "ground_truth_models", "features", "adapters")  # each must be computed once
 
 
 @pytest.fixture(scope="module")
@@ -43,29 +42,13 @@ def tiny_registry():
         yield
 
 
-def run_here(args: list[str], store: Path) -> int:
-    """The CLI in this process on `store`, with the tiny task and one thread (as the workers run)."""
-    threads = torch.get_num_threads()
-    with fh.tiny_registered(), contextlib.redirect_stdout(io.StringIO()):
-        torch.set_num_threads(1)
-        try:
-            return main([*args, "--store", str(store), "--json"])
-        finally:
-            torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> dict[str, Path]:
     """One uninterrupted run of each command, each in its own store."""
     root = tmp_path_factory.mktemp("reference")
     for name, args in fh.COMMANDS.items():
-        assert run_here(args, root / name) == 0
+        assert fh.run_here(args, root / name) == 0
     return {name: root / name for name in fh.COMMANDS}
-
-
-def _markers(root: Path) -> dict[str, tuple[int, int]]:
-    """(inode, mtime) of every marker: what a rerun must leave untouched when it resumes."""
-    return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*.json")}
 
 
 def _durable_total(root: Path) -> int:
@@ -91,12 +74,12 @@ def test_killed_mid_work_then_rerun_equals_an_uninterrupted_run(command, fault, 
     reference = fh.stored(references[command])
     assert fh.wrong_artifacts(store, reference) == []  # what survived the kill loads with the right contents
 
-    survived, rows = _markers(store), fh.table_rows(store)
+    survived, rows = fh.markers(store), fh.table_rows(store)
     assert len(survived) + len(rows) == done  # the audit's count of durable writes matches the store's
-    assert run_here(fh.COMMANDS[command], store) == 0
+    assert fh.run_here(fh.COMMANDS[command], store) == 0
     assert fh.same_as_reference(store, reference) == []
     assert fh.leftovers(store) == []  # the rerun rewrote the torn key and removed the dead writer's temp file
-    after = _markers(store)
+    after = fh.markers(store)
     # what was durable was read, not redone; `run` rewrites a setting's per-example LDS record (derived from
     # stored scores in milliseconds) each time it runs, and the setting killed before its row reruns
     kept = {k: v for k, v in survived.items() if not k.startswith(f"{LDS_KIND}/")}
@@ -128,7 +111,7 @@ def test_cli_and_app_racing_on_one_attribution_compute_it_once(zygote, tmp_path)
                zygote.start([], store, audit, barrier=2,
                             app=_app("attribute", app_out, {"kind": "dropout", "I": 2, "D": 2}))]
     assert [w.wait()[0] for w in workers] == [0, 0]
-    twice = {k: n for k, n in _writes(audit).items() if n > 1 and k[0] in EXPENSIVE}
+    twice = {k: n for k, n in _writes(audit).items() if n > 1 and k[0] in fh.EXPENSIVE}
     assert twice == {}
     assert len([k for k in _writes(audit) if k[0] == "features"]) == 4
     from safetensors.torch import load_file
@@ -146,7 +129,7 @@ def test_two_sweeps_and_two_app_sessions_record_every_setting_once(zygote, tmp_p
                 for i, ensemble in enumerate([{"kind": "naive", "I": 2}, {"kind": "dropout", "I": 1, "D": 2}])]
     results = [w.wait() for w in workers]
     assert [r[0] for r in results] == [0] * 4, [r[2][-400:] for r in results]
-    twice = {k: n for k, n in _writes(audit).items() if n > 1 and k[0] in EXPENSIVE}
+    twice = {k: n for k, n in _writes(audit).items() if n > 1 and k[0] in fh.EXPENSIVE}
     assert twice == {}
     rows, ref = fh.table_rows(store), fh.table_rows(references["sweep"])
     assert len(rows) == len(ref) == 3 and sorted(rows["setting_key"]) == sorted(ref["setting_key"])  # none lost or twice
@@ -157,22 +140,7 @@ def test_two_sweeps_and_two_app_sessions_record_every_setting_once(zygote, tmp_p
 
 
 # --- damaged artifacts ------------------------------------------------------------------------------------
-def _damage(path: Path, how: str) -> None:
-    data = bytearray(path.read_bytes())
-    if how == "truncate":
-        path.write_bytes(bytes(data[: len(data) // 2]))
-    elif how == "zero-fill":
-        path.write_bytes(bytes(len(data)))
-    elif how == "bit-flip":
-        at = len(data) * 3 // 4  # in the payload of a tensor file; in the meta of a marker
-        data[at] ^= 0x10
-        path.write_bytes(bytes(data))
-    elif how == "delete":
-        path.unlink()
-
-
-DAMAGE = [(suffix, how) for suffix in (".safetensors", ".json") for how in ("truncate", "zero-fill", "bit-flip",
-                                                                            "delete")]
+DAMAGE = [(suffix, how) for suffix in (".safetensors", ".json") for how in fh.DAMAGES]
 
 
 TRAIN_TWO = ["train", "--task", fh.TINY, "--seeds", "0-1", "--json"]
@@ -194,7 +162,7 @@ def test_damaged_checkpoint_is_reported_in_one_line_and_retrained(suffix, how, t
     pristine, first = two_checkpoints
     store = Store()
     shutil.copytree(pristine, store.root)
-    _damage(store.root / "checkpoints" / f"{first[0]['key']}{suffix}", how)
+    fh.damage(store.root / "checkpoints" / f"{first[0]['key']}{suffix}", how)
     with caplog.at_level("WARNING"):
         assert main(TRAIN_TWO) == 0
     second = json.loads(capsys.readouterr().out)
@@ -269,31 +237,13 @@ def test_full_disk_injected_enospc_gives_one_line_and_leaves_nothing_half_writte
     assert after.keys() == before.keys() and all(fh.tensors_differ(after[k], before[k]) is None for k in before)
 
 
-def _can_mount() -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    probe = Path("/tmp") / f"tda-mount-probe-{os.getpid()}"
-    probe.mkdir(exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True)
-    if ok.returncode == 0:
-        subprocess.run(["umount", str(probe)], check=True)
-    probe.rmdir()
-    return ok.returncode == 0
-
-
-CAN_MOUNT = _can_mount()
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MiB tmpfs (needs root); unmounted afterwards."""
-    if not CAN_MOUNT:
+    if not fh.can_mount():
         pytest.skip("mounting a tmpfs needs root; the injected-ENOSPC test covers the same path")
-    where = tmp_path / "disk"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], check=True)
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=True)
+    with fh.small_disk(tmp_path / "disk") as disk:
+        yield disk
 
 
 def test_full_tmpfs_store_one_line_exit_2_earlier_artifacts_intact(small_disk, tiny_registry, capsys):
@@ -301,8 +251,7 @@ def test_full_tmpfs_store_one_line_exit_2_earlier_artifacts_intact(small_disk, t
     assert main(["train", "--task", fh.TINY, "--seeds", "0-1", "--store", str(store), "--json"]) == 0
     capsys.readouterr()
     before = _stored_tensors(store)
-    free = shutil.disk_usage(small_disk).free
-    (small_disk / "filler").write_bytes(bytes(max(0, free - 16 * 1024)))  # leave 16 KiB: less than a checkpoint
+    fh.fill(small_disk, leave=16 * 1024)  # less than a checkpoint
     assert main(["train", "--task", fh.TINY, "--seeds", "0-3", "--store", str(store), "--json"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert str(store) in line and "No space left on device" in line
@@ -332,26 +281,17 @@ def test_memory_budget_too_small_is_refused_before_any_work(tiny_registry, monke
 def read_only_place(tmp_path):
     """(folder, make_read_only): a folder that can be made read-only for real: a tmpfs remounted read-only as
     root, chmod a-w otherwise."""
-    folder = tmp_path / "place"
-    folder.mkdir()
-    if os.geteuid() == 0:
-        if not CAN_MOUNT:
-            pytest.skip("root without mount: no way to make a read-only folder")
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], check=True)
-
-    def make_read_only() -> None:
-        if os.geteuid() == 0:
-            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
-        else:
-            for p in [folder, *folder.rglob("*")]:
-                p.chmod(p.stat().st_mode & ~0o222)
-
-    yield folder, make_read_only
-    if os.geteuid() == 0:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
-    else:
+    if os.geteuid() != 0:
+        folder = tmp_path / "place"
+        folder.mkdir()
+        yield folder, lambda: [p.chmod(p.stat().st_mode & ~0o222) for p in [folder, *folder.rglob("*")]]
         for p in [folder, *folder.rglob("*")]:
             p.chmod(p.stat().st_mode | 0o200)
+        return
+    if not fh.can_mount():
+        pytest.skip("root without mount: no way to make a read-only folder")
+    with fh.small_disk(tmp_path / "place") as folder:
+        yield folder, lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
 
 
 def test_read_only_store_serves_what_is_stored_and_refuses_new_work_in_one_line(read_only_place, tiny_registry,

@@ -4,7 +4,9 @@ Example counts are fixed per test (`EXAMPLES`) and stated in the README's "Relia
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import io
 import math
 import os
@@ -35,13 +37,15 @@ def guarded(monkeypatch, tmp_path):
         raise WorkStarted
 
     for target in ("tda_core.training.train_many", "tda_core.evaluation.train_many",
-                   "tda_core.data.music.convert_chorales"):
+                   "tda_core.data.music.convert_chorales", "socket.socket.connect"):  # no training, no downloads
         monkeypatch.setattr(target, refuse)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.csv").write_bytes(b"")
     (tmp_path / "junk.csv").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "nocolumns.csv").write_text("a,b\n1,2\n")
     (tmp_path / "adir.npz").mkdir()
+    (tmp_path / "junk.npz").write_bytes(bytes(range(256)))
+    (tmp_path / "tasks.py").write_text("raise RuntimeError('a broken tasks file')\n")
     return tmp_path
 
 
@@ -61,62 +65,72 @@ def cli(argv: list[str]) -> tuple[int | str, str]:
 
 
 # --- the command line --------------------------------------------------------------------------------
-NUMBERS = st.one_of(st.integers(-10**6, 10**6), st.sampled_from([0, -1, 1, 1000, 1001, 10**9, 10**30]))
+NUMBERS = st.one_of(st.integers(-10**6, 10**6), st.sampled_from([0, -1, 1, 2, 1000, 1001, 10**9, 10**30]))
 FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1.0, 0.5, 1.5]))
 SAFE_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20)
 VALUE = st.one_of(NUMBERS.map(str), FLOATS.map(repr), SAFE_TEXT)
 TASKS = st.one_of(st.just("digits-mlp"), st.sampled_from(["digits-mlp", "mnist-mlp", "cifar2-mlp", "maestro-mt",
                                                            "chorales-mt", "nope", "../digits-mlp", ""]))
 PATHS = st.sampled_from(["out.npz", "out.safetensors", "out.txt", "missing/dir/x.npz", "adir.npz", ".", "x.html",
-                         "x.png", "x.mid", "/proc/x.npz", "empty.csv", "junk.csv", "nocolumns.csv", "none.csv"])
+                         "x.png", "x.mid", "/proc/x.npz", "empty.csv", "junk.csv", "nocolumns.csv", "none.csv",
+                         "tasks.py", "junk.npz"])
 SEEDS = st.one_of(st.sampled_from(["0", "0-4", "0,3,7", "5-1", "-3", "0-100000000", "a-b", "", ",", "1--2"]),
                   SAFE_TEXT)
-CHOICES = {"--method": ["trak", "if", "grad-dot", "grad-cos"], "--ensemble": ["naive", "dropout", "dropout-forward",
-           "lora", "proj-seeds"], "--proj": ["dense", "kron", "none"], "--masks": ["fixed", "fresh"],
-           "--hessian": ["fisher", "gauss-newton", "exact"], "--lora-grad": ["merged", "adapter"],
-           "--forward-grad": ["plain", "mask-mean"], "--proj-dtype": ["float32", "bfloat16"],
-           "--grid": ["paper", "small"], "--x": ["train_s", "serve_s", "lds"], "--split": ["train", "test"],
-           "--methods": ["trak", "trak,grad-dot", "", "nope"], "--download": ["nope", "digits", "maestro"]}
-INTS = ["--I", "--D", "--L", "--P", "--proj-dim", "--proj-seed", "--lora-rank", "--lora-epochs", "--n-test", "--show",
-        "--M", "--runs", "--eval-seed", "--chunk", "--test", "--k", "--draws", "--draw-seed", "--index"]
-REALS = ["--damping", "--dropout-p", "--alpha", "--subset-frac"]
-SETTING = ["--method", "--proj", "--proj-dim", "--proj-seed", "--damping", "--ensemble", "--I", "--D", "--L", "--P",
-           "--masks", "--lora-rank", "--lora-epochs", "--lora-grad", "--forward-grad"]
-EVAL = ["--M", "--alpha", "--runs", "--eval-seed"]
-OPTIONS = {
-    "datasets": ["--download"],
-    "train": ["--seeds", "--subset-frac"],
-    "attribute": [*SETTING, "--proj-dtype", "--hessian", "--dropout-p", "--n-test", "--show", "--save-scores"],
-    "ground-truth": [*EVAL, "--chunk"],
-    "run": [*EVAL, *SETTING],
-    "sweep": [*EVAL, "--methods", "--grid", "--proj", "--damping", "--x", "--plot", "--dry-run"],
-    "results": ["--csv", "--methods", "--proj", "--x", "--plot", "--markdown", "--device-match"],
-    "counterfactual": [*SETTING, "--test", "--k", "--draws", "--draw-seed", "--seeds"],
-    "snippet": ["--split", "--index", "--out", "--wav", "--html"],
-}
-FLAGS = {"--dry-run", "--shared-projection"}
-PATH_OPTIONS = {"--save-scores", "--plot", "--markdown", "--csv", "--out", "--wav", "--html"}
+SETTING_TEXT = st.one_of(st.sampled_from(["kind=naive", "kind=dropout,I=2,D=5", "kind=lora,L=2", "method=trak",
+                                          "kind=naive,bogus=1", "I=0", "kind=dropout,D=99999", "=", ",", "I=x"]),
+                         SAFE_TEXT)
+NOT_FUZZED = {"--store", "--data-dir", "--device", "--json", "--task", "--help"}  # set by the test itself
+PATH_WORDS = ("path", "out", "csv", "plot", "markdown", "scores", "save", "html", "wav", "tasks_file")
 
 
-def option_value(name: str) -> st.SearchStrategy:
-    """Valid choices mixed with anything: most draws are plausible, some are garbage."""
-    if name in PATH_OPTIONS:
-        return PATHS
-    if name == "--seeds":
+@functools.cache
+def _options(command: str) -> list[argparse.Action]:
+    """The options and positionals of a command, read from the CLI's own parser (so new ones are fuzzed too)."""
+    from tda_core.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    return [a for a in sub._actions if not set(a.option_strings) & NOT_FUZZED and a.dest != "help"]
+
+
+def _value(action: argparse.Action) -> st.SearchStrategy:
+    """Valid values mixed with anything: most draws are plausible, some are garbage."""
+    if action.dest == "seeds" and action.type is None:
         return SEEDS
-    plausible = (st.sampled_from(CHOICES[name]) if name in CHOICES else NUMBERS.map(str) if name in INTS
-                 else FLOATS.map(repr))
+    if action.dest.startswith("setting_"):
+        return SETTING_TEXT
+    if any(word in action.dest for word in PATH_WORDS):
+        return PATHS
+    plausible = (st.sampled_from([str(c) for c in action.choices]) if action.choices else NUMBERS.map(str)
+                 if action.type is int else FLOATS.map(repr) if action.type is float else SAFE_TEXT)
     return st.one_of(plausible, plausible, VALUE)
 
 
 @st.composite
 def command_lines(draw: st.DrawFn, command: str) -> list[str]:
-    argv = [command]
-    if command not in ("datasets", "results"):
-        argv += ["--task", draw(TASKS)]
-    for name in draw(st.lists(st.sampled_from(OPTIONS[command]), unique=True, max_size=6)):
-        argv += [name] if name in FLAGS else [name, draw(option_value(name))]
+    actions = _options(command)
+    argv = [command, "--task", draw(TASKS)] if "--task" in _parser_options(command) else [command]
+    for action in actions:
+        if not action.option_strings:  # a positional: always given
+            argv.append(draw(_value(action)))
+    optional = [a for a in actions if a.option_strings]
+    for action in draw(st.lists(st.sampled_from(optional), unique=True, max_size=6)) if optional else []:
+        name = action.option_strings[0]
+        argv += [name] if action.nargs == 0 else [name, draw(_value(action))]
     return argv + ["--device", "cpu", "--json"]
+
+
+@functools.cache
+def _parser_options(command: str) -> set[str]:
+    from tda_core.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    return {o for a in sub._actions for o in a.option_strings}
+
+
+def _commands() -> list[str]:
+    from tda_core.cli import build_parser
+
+    return sorted(build_parser()._subparsers._group_actions[0].choices)
 
 
 def assert_clean(code: int | str, err: str, argv: list[str]) -> None:
@@ -129,7 +143,7 @@ def assert_clean(code: int | str, err: str, argv: list[str]) -> None:
         assert code in (0, "work"), (argv, code, err)
 
 
-@pytest.mark.parametrize("command", sorted(OPTIONS))
+@pytest.mark.parametrize("command", _commands())
 @settings(max_examples=EXAMPLES["cli"], **SETTINGS)
 @given(data=st.data())
 def test_cli_arguments_never_traceback(command, guarded, data):
@@ -166,6 +180,13 @@ BAD_INPUTS = [  # every bad input a user can type, named; each must give one lin
                                                                  "x"],
     ["snippet", "--task", "digits-mlp", "--out", "x.mid"], ["snippet", "--task", "maestro-mt", "--out", "x.mid"],
     ["datasets", "--download", "nope"], ["train"], ["nope"], ["attribute", "--task", "digits-mlp", "--I", "two"],
+    ["compare", "--task", "digits-mlp", "kind=naive,bogus=1", "kind=naive"],
+    ["compare", "--task", "digits-mlp", "kind=dropout,D=99999", "kind=naive"],
+    ["add-image-folder", "missing/dir"], ["add-image-folder", "adir.npz"],
+    ["lds", "--task", "digits-mlp", "--scores", "junk.npz"], ["lds", "--task", "digits-mlp", "--scores", "none.npz"],
+    ["tasks", "--tasks-file", "tasks.py"], ["tasks", "--tasks-file", "none.py"],
+    ["export-ground-truth", "--task", "digits-mlp", "--M", "0", "--out", "x.npz"],
+    ["sweep", "--task", "digits-mlp", "--methods", "trak\r\nerror: injected"],
 ]
 
 

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,11 +18,16 @@ from .common import common_options
 COMMAND_MODULES = ("core", "attribution", "evaluation", "music", "openness")
 
 
+def one_line(text: object) -> str:
+    """`text` on one line: control characters (a newline or carriage return typed into a value) become spaces."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", str(text))
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad argument prints one line (no usage block) and exits 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {self.prog}: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,13 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         load_user_tasks(args.tasks_file, Store(args.store))
         args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:
-        print(f"error: {os_error_message(exc, store_dir(args.store))}", file=sys.stderr)
+        print(f"error: {one_line(os_error_message(exc, store_dir(args.store)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished artifacts are kept in the store", file=sys.stderr)
