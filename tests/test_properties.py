@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from tda_core.errors import UserError
 
 EXAMPLES = {"cli": 120, "specs": 300, "store_names": 300, "midi_random": 300, "midi_mutated": 300, "cifar": 60,
-            "idx": 60, "maestro_csv": 40}
+            "idx": 60, "maestro_csv": 40, "image_folder": 60}
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -498,3 +498,57 @@ def test_damaged_mnist_idx_file_gives_a_user_error_naming_it(damage, which, tmp_
     event(damage[0])
     with pytest.raises(UserError, match=r"MNIST/raw/(train|t10k)-(images|labels)"):
         load_dataset("mnist", root)
+
+
+def _png(size: tuple[int, int] = (8, 8), shade: int = 0) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", size, shade).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _huge_header() -> bytes:
+    """A PNG whose header claims 100000 x 100000 pixels: refused from the header, never decoded."""
+    import struct
+    import zlib
+
+    data = bytearray(_png())
+    ihdr = struct.pack(">II", 100_000, 100_000) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+IMAGE_DAMAGE = st.one_of(st.binary(max_size=300).map(lambda b: ("random bytes", b)),
+                         st.integers(1, len(_png()) - 1).map(lambda k: ("truncated", _png()[:k])),
+                         st.just(("header of 10^10 pixels", _huge_header())),
+                         st.tuples(st.integers(8, len(_png()) - 1), st.integers(0, 255)).map(
+                             lambda t: ("byte changed", _png()[:t[0]] + bytes([t[1]]) + _png()[t[0] + 1:])))
+
+
+@settings(max_examples=EXAMPLES["image_folder"], **SETTINGS)
+@given(damage=IMAGE_DAMAGE, name=st.sampled_from(["x.png", "x.jpg", "x.gif"]))
+def test_image_folder_with_a_damaged_file_loads_the_rest_or_says_why(damage, name, tmp_path_factory, caplog):
+    from tda_core.data.image_folder import load_image_folder
+
+    root = tmp_path_factory.mktemp("images")
+    for label in ("cat", "dog"):
+        (root / label).mkdir()
+        for i in range(3):
+            (root / label / f"{i}.png").write_bytes(_png(shade=40 * i + (100 if label == "dog" else 0)))
+    (root / "cat" / name).write_bytes(damage[1])
+    event(damage[0])
+    caplog.clear()  # one fixture serves every example
+    tracemalloc.start()
+    try:
+        with caplog.at_level("WARNING"):
+            ds = load_image_folder("pets", root, size=8, channels=1)
+        skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+        assert ds.n_train + ds.n_test in (6, 7) and len(skipped) == (ds.n_train + ds.n_test == 6)
+    except UserError as exc:
+        assert "\n" not in str(exc)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
