@@ -269,6 +269,16 @@ def test_feature_cache_larger_than_the_disk_is_refused_before_any_work(small_dis
     assert fh.stored(store) == {}  # nothing trained, nothing cached
 
 
+def test_feature_cache_larger_than_the_free_space_is_refused_without_root(tiny_registry, monkeypatch, capsys):
+    """The same check where no tmpfs can be mounted: the file system reports 2 MiB free."""
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("tda_core.attribution.shutil.disk_usage", lambda path: usage(2 << 20, 0, 2 << 20))
+    assert main(["attribute", "--task", fh.TINY, "--method", "grad-dot", "--proj", "kron", "--json"]) == 2
+    assert "members fit" in _one_error_line(capsys.readouterr().err) and fh.stored(Store().root) == {}
+
+
 def test_memory_budget_too_small_is_refused_before_any_work(tiny_registry, monkeypatch, capsys):
     monkeypatch.setenv("TDA_MEMORY_BUDGET_GB", "0.001")
     assert main(["attribute", "--task", fh.TINY, "--method", "trak", "--proj", "dense", "--json"]) == 2
