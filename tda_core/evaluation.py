@@ -128,26 +128,35 @@ def ground_truth(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None, 
     keys = {job: _model_key(task, dataset, spec, *job, device) for job in jobs}
     values: dict[tuple[int, int], torch.Tensor] = {}
     train_s = 0.0
-    for job in jobs:
-        art = store.load(SUBSET_TARGETS_KIND, keys[job])
-        if art is not None:
-            values[job] = art.tensors["targets"]
-            train_s += art.meta["train_s"]
+
+    def load_stored(wanted: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Read the stored targets among `wanted`; the jobs still missing."""
+        nonlocal train_s
+        for job in wanted:
+            art = store.load(SUBSET_TARGETS_KIND, keys[job])
+            if art is not None:
+                values[job] = art.tensors["targets"]
+                train_s += art.meta["train_s"]
+        return [job for job in wanted if job not in values]
+
+    missing = load_stored(jobs)
     resumed = len(values)
-    missing = [job for job in jobs if job not in values]
     report(progress, len(values), len(jobs), "ground-truth models")
     for start in range(0, len(missing), chunk):
-        part = missing[start:start + chunk]
-        t0 = time.perf_counter()
-        models = train_many(task, dataset, [run_seed(spec, j, r) for j, r in part], [subsets[j] for j, _ in part],
-                            device, progress)  # reports epochs of this chunk
-        per_model_s = (time.perf_counter() - t0) / len(part)
-        for (j, r), model in zip(part, models):
-            values[(j, r)] = target_values(model, dataset, task.sequence)
-            store.save(SUBSET_TARGETS_KIND, keys[(j, r)], {"targets": values[(j, r)]},
-                       {"task": task.name, "subset": j, "run": r, "seed": run_seed(spec, j, r),
-                        "train_s": per_model_s, "trained_together": len(part), "device": device.type})
-        train_s += per_model_s * len(part)
+        with store.lock_keys(SUBSET_TARGETS_KIND, [keys[job] for job in missing[start:start + chunk]]):
+            part = load_stored(missing[start:start + chunk])  # another process may have trained them meanwhile
+            if not part:
+                continue
+            t0 = time.perf_counter()
+            models = train_many(task, dataset, [run_seed(spec, j, r) for j, r in part],
+                                [subsets[j] for j, _ in part], device, progress)  # reports epochs of this chunk
+            per_model_s = (time.perf_counter() - t0) / len(part)
+            for (j, r), model in zip(part, models):
+                values[(j, r)] = target_values(model, dataset, task.sequence)
+                store.save(SUBSET_TARGETS_KIND, keys[(j, r)], {"targets": values[(j, r)]},
+                           {"task": task.name, "subset": j, "run": r, "seed": run_seed(spec, j, r),
+                            "train_s": per_model_s, "trained_together": len(part), "device": device.type})
+            train_s += per_model_s * len(part)
         report(progress, len(values), len(jobs), "ground-truth models")
 
     targets = torch.stack([torch.stack([values[(j, r)] for r in range(spec.runs)]) for j in range(spec.M)])

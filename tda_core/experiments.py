@@ -387,9 +387,11 @@ def sweep(task: str | TaskSpec, methods: Sequence[str], grid: str = "paper", *,
         raise UserError(sp.message)
     pending = sp.pending
     truth = ground_truth(task, eval_spec, store=store, device=device, progress=progress) if pending else None
-    for n, (method, ens, _) in enumerate(pending):
-        result = run(task, method, ens, eval_spec, store=store, device=device, truth=truth, replicates=replicates,
-                     progress=progress)
-        store.append_rows(table, [result.row()])
+    for n, (method, ens, key) in enumerate(pending):
+        with store.lock("settings", key):  # a concurrent sweep computes each setting once; the other skips it
+            if key not in set(store.read_table(table).get("setting_key", [])):
+                result = run(task, method, ens, eval_spec, store=store, device=device, truth=truth,
+                             replicates=replicates, progress=progress)
+                store.append_rows(table, [result.row()], unique_by="setting_key")
         report(progress, n + 1, len(pending), "settings")
     return results_for(store.read_table(table), [key for _, _, key in sp.settings])

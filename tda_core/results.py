@@ -47,8 +47,9 @@ def setting_label(row: pd.Series | dict[str, Any]) -> str:
 
 
 def append_results(store: Store, rows: list[dict[str, Any]]) -> None:
-    """Append result rows to the store's results table."""
-    store.append_rows(RESULTS_TABLE, rows)
+    """Append result rows to the store's results table; a setting already there is not added twice (two app
+    sessions recording one result)."""
+    store.append_rows(RESULTS_TABLE, rows, unique_by="setting_key")
 
 
 def results_frame(store: Store) -> pd.DataFrame:

@@ -6,6 +6,7 @@ any of them into a stable store key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from .errors import UserError, unknown_choice
@@ -16,6 +17,17 @@ LORA_GRADIENTS = ("merged", "adapter")
 DENSE_KINDS = ("gaussian", "rademacher")
 FORWARD_GRADIENTS = ("plain", "mask-mean")
 PROJ_DTYPES = ("float32", "bfloat16")
+
+
+CEILING_REASONS = {  # why a count has a ceiling (README: "Reliability and security")
+    "I": "independently trained models, each a full training run",
+    "D": "dropout masks per model, each a gradient pass over the training set",
+    "L": "LoRA fine-tunes per model, each a training run",
+    "P": "projection seeds per model, each a gradient pass over the training set",
+    "lora_rank": "as the adapter rank (a rank above the layer widths adds nothing)",
+    "M": "subset models, each a full training run",
+    "runs": "trainings per subset",
+}
 
 
 def method_record(name: str):  # noqa: ANN201 - a tda_core.methods.Method
@@ -43,7 +55,7 @@ def _positive(name: str, value: Any, limit: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise UserError(f"{name} must be a positive integer, got {value!r}")
     if limit is not None and value > limit:
-        raise UserError(f"{name}={value} is above the limit of {limit}")
+        raise UserError(f"{name}={value} is above the ceiling of {limit} {CEILING_REASONS.get(name, '')}".rstrip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +185,8 @@ class MethodSpec:
                 raise UserError(f"hessian {self.hessian!r} (CG on the full parameters) is an option of "
                                 f"{', '.join(having)} on exact gradients: use --method {having[0]} --proj none, "
                                 "or --hessian fisher")
-        if self.damping is not None and self.damping < 0:
-            raise UserError(f"damping must be >= 0 (or None to tune it), got {self.damping}")
+        if self.damping is not None and not 0 <= self.damping < math.inf:
+            raise UserError(f"damping must be a finite number >= 0 (or None to tune it), got {self.damping}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,3 +203,5 @@ class EvalSpec:
         _positive("runs", self.runs, 100)
         if not 0.0 < self.alpha < 1.0:
             raise UserError(f"alpha must be in (0, 1), got {self.alpha}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"the evaluation seed must be an integer >= 0, got {self.seed!r}")

@@ -254,25 +254,32 @@ def load_or_train(task: TaskSpec, seeds: Sequence[int], subsets: Sequence[np.nda
     subsets = list(subsets) if subsets is not None else [None] * len(seeds)
     keys = [checkpoint_key(task, dataset, s, sub, device) for s, sub in zip(seeds, subsets)]
     results: dict[int, TrainedModel] = {}
-    for k, key in enumerate(keys):
-        t0 = time.perf_counter()
-        art = store.load(CHECKPOINT_KIND, key)
-        if art is not None:
-            model = init_model(task, seeds[k])
-            model.load_state_dict(art.tensors)
-            results[k] = TrainedModel(task, seeds[k], model.to(device).eval(), key, art.meta["train_s"], True,
-                                      time.perf_counter() - t0, art.nbytes, art.meta["metrics"])
-    missing = [k for k in range(len(keys)) if k not in results]
-    if missing:
-        t0 = time.perf_counter()
-        models = train_many(task, dataset, [seeds[k] for k in missing], [subsets[k] for k in missing], device,
-                            progress)
-        per_model_s = (time.perf_counter() - t0) / len(missing)
-        for k, model in zip(missing, models):
-            metrics = evaluate(model, dataset.x_test, dataset.y_test, task.sequence)
-            meta = {"task": task.name, "seed": seeds[k], "subset": subset_digest(subsets[k]),
-                    "train_s": per_model_s, "device": device.type, "metrics": metrics,
-                    "trained_together": len(missing)}
-            art = store.save(CHECKPOINT_KIND, keys[k], model.state_dict(), meta)
-            results[k] = TrainedModel(task, seeds[k], model, keys[k], per_model_s, False, 0.0, art.nbytes, metrics)
+
+    def load_stored(positions: Sequence[int]) -> list[int]:
+        """Load what is stored among `positions`; the positions still missing."""
+        for k in positions:
+            t0 = time.perf_counter()
+            art = store.load(CHECKPOINT_KIND, keys[k])
+            if art is not None:
+                model = init_model(task, seeds[k])
+                model.load_state_dict(art.tensors)
+                results[k] = TrainedModel(task, seeds[k], model.to(device).eval(), keys[k], art.meta["train_s"], True,
+                                          time.perf_counter() - t0, art.nbytes, art.meta["metrics"])
+        return [k for k in positions if k not in results]
+
+    missing = load_stored(range(len(keys)))
+    with store.lock_keys(CHECKPOINT_KIND, [keys[k] for k in missing]):
+        missing = load_stored(missing)  # another process may have trained them while we waited
+        if missing:
+            t0 = time.perf_counter()
+            models = train_many(task, dataset, [seeds[k] for k in missing], [subsets[k] for k in missing], device,
+                                progress)
+            per_model_s = (time.perf_counter() - t0) / len(missing)
+            for k, model in zip(missing, models):
+                metrics = evaluate(model, dataset.x_test, dataset.y_test, task.sequence)
+                meta = {"task": task.name, "seed": seeds[k], "subset": subset_digest(subsets[k]),
+                        "train_s": per_model_s, "device": device.type, "metrics": metrics,
+                        "trained_together": len(missing)}
+                art = store.save(CHECKPOINT_KIND, keys[k], model.state_dict(), meta)
+                results[k] = TrainedModel(task, seeds[k], model, keys[k], per_model_s, False, 0.0, art.nbytes, metrics)
     return [results[k] for k in range(len(keys))]

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..attribution import Attribution, attribute, plan
+from ..data import load_dataset
 from ..errors import UserError
 from ..progress import tqdm_progress
 from ..store import Store
@@ -20,11 +21,17 @@ from .setting_options import add_setting_options, setting_from_args
 SCORE_FORMATS = (".npz", ".safetensors")
 
 
-def save_scores(result: Attribution, path: str) -> Path:
-    """Write scores [n_train, n_test] with the source indices of rows and columns (.npz or .safetensors)."""
+def scores_path(path: str) -> Path:
+    """Where --save-scores writes, checked before any work: a .npz or .safetensors name."""
     out = Path(path).expanduser()
     if out.suffix not in SCORE_FORMATS:
         raise UserError(f"cannot write scores to {out.name!r}; use a name ending in {' or '.join(SCORE_FORMATS)}")
+    return out
+
+
+def save_scores(result: Attribution, path: str) -> Path:
+    """Write scores [n_train, n_test] with the source indices of rows and columns (.npz or .safetensors)."""
+    out = scores_path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"scores": result.scores.contiguous(), "train_index": result.train_index.contiguous(),
                "test_index": result.test_index.contiguous()}
@@ -44,6 +51,11 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     store = Store(args.store)
     if args.data_dir:  # the library reads the data folder from the environment
         os.environ["TDA_DATA_DIR"] = args.data_dir
+    if args.save_scores:
+        scores_path(args.save_scores)
+    n_available = load_dataset(task.dataset).n_test
+    if args.n_test is not None and not 1 <= args.n_test <= n_available:
+        raise UserError(f"--n-test must be between 1 and {n_available} (the test examples of {task.dataset})")
     test_positions = torch.arange(args.n_test) if args.n_test else None
     wp = plan(task, method, ensemble, store, device=args.device, n_test=args.n_test)
     if not args.json:

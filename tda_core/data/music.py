@@ -21,8 +21,8 @@ from ..errors import UserError
 from ..progress import Progress, report, tqdm_progress
 from ..store import Store, spec_key
 from .base import Dataset, DatasetInfo, SourceStatus, load_dataset, register, sample_indices
-from .midi_codec import (CODEC_VERSION, VOCAB_SIZE, WINDOW, Note, cut_window, encode_midi, encode_notes, read_midi,
-                         window_starts)
+from .midi_codec import (CODEC_VERSION, VOCAB_SIZE, WINDOW, MidiError, Note, cut_window, encode_notes,
+                         load_midi_tokens, window_starts)
 
 log = logging.getLogger(__name__)
 CORPUS_KIND = "music-corpus"
@@ -164,13 +164,17 @@ def convert_maestro(csv: Path, store: Store | None = None, progress: Progress | 
 
     Unreadable or missing MIDI files are skipped and counted in one warning."""
     store = store or Store()
-    table = pd.read_csv(csv)
+    try:
+        table = pd.read_csv(csv)
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
+        raise UserError(f"{csv} is not a readable MAESTRO CSV ({type(exc).__name__}); {MAESTRO_HELP}") from None
     missing_cols = {"split", "midi_filename"} - set(table.columns)
     if missing_cols:
         raise UserError(f"{csv} is not a MAESTRO CSV: it lacks the column(s) {', '.join(sorted(missing_cols))}")
-    table = table[table["split"].isin(["train", "test"])].sort_values("midi_filename")
+    table = table[table["split"].isin(["train", "test"])].sort_values("midi_filename", key=lambda c: c.astype(str))
     files = [(str(name), split) for name, split in zip(table["midi_filename"], table["split"])]
-    sizes = [(csv.parent / name).stat().st_size if (csv.parent / name).exists() else -1 for name, _ in files]
+    sizes = [path.stat().st_size if (path := _inside(csv.parent, name)) and path.is_file() else -1
+             for name, _ in files]
     key = spec_key({"corpus": "maestro", "csv": hashlib.sha256(csv.read_bytes()).hexdigest(),
                     "sizes": sizes, "codec": CODEC_VERSION})
 
@@ -179,7 +183,10 @@ def convert_maestro(csv: Path, store: Store | None = None, progress: Progress | 
         pieces, names, splits, skipped = [], [], [], []
         for k, (name, split) in enumerate(files):
             try:
-                pieces.append(encode_midi(read_midi(csv.parent / name)))
+                path = _inside(csv.parent, name)
+                if path is None:
+                    raise MidiError(f"its path leads outside {csv.parent}")
+                pieces.append(load_midi_tokens(path))
                 names.append(name)
                 splits.append(split)
             except Exception as exc:  # noqa: BLE001 - corrupt MIDI is skipped and counted, never fatal
@@ -193,6 +200,12 @@ def convert_maestro(csv: Path, store: Store | None = None, progress: Progress | 
     if loaded:
         _warn_skipped("maestro", art.meta["skipped"], len(files))
     return _corpus(art.tensors, art.meta)
+
+
+def _inside(folder: Path, name: str) -> Path | None:
+    """`folder / name` when it stays inside `folder` (no '..' or absolute path out of it), else None."""
+    path = (folder / name).resolve()
+    return path if path.is_relative_to(folder.resolve()) else None
 
 
 def _warn_skipped(name: str, skipped: list[str], total: int) -> None:
