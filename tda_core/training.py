@@ -54,6 +54,11 @@ def _training_positions(dataset: Dataset, subset: np.ndarray | torch.Tensor | No
     return torch.as_tensor(np.asarray(subset), dtype=torch.long)
 
 
+def _rows(data: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """data[positions] for (K, B) positions, by `index_select` (a plain copy of rows, faster than indexing)."""
+    return data.index_select(0, positions.flatten()).view(*positions.shape, *data.shape[1:])
+
+
 def _generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
     """(shuffling, dropout masks) generators of the model trained from `seed`."""
     return (torch.Generator().manual_seed(seed),
@@ -174,7 +179,7 @@ def train_many(task: TaskSpec, dataset: Dataset, seeds: Sequence[int],
         epoch_positions = pos.gather(1, order)  # each model's dataset positions in its own order
         for batch in epoch_positions.split(recipe.batch_size, dim=1):
             masks = draw_stacked_masks(shapes, rates, batch.shape[1], mask_gens)
-            loss = stack.loss(x[batch], y[batch], masks)
+            loss = stack.loss(_rows(x, batch), _rows(y, batch), masks)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
