@@ -160,6 +160,8 @@ def train_many(task: TaskSpec, dataset: Dataset, seeds: Sequence[int],
         raise ValueError(f"{len(seeds)} seeds but {len(subsets)} subsets")
     positions = [_training_positions(dataset, s) for s in subsets]
     if len(seeds) == 1 or len({len(p) for p in positions}) > 1:
+        if len(seeds) == 1:
+            return [train(task, dataset, seeds[0], subsets[0], device, progress)]  # reports its epochs
         out = []
         for k, (seed, subset) in enumerate(zip(seeds, subsets)):
             out.append(train(task, dataset, seed, subset, device))
