@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from tda_core.ui_state import sidebar
+from pages.ui.state import sidebar
+from tda_core.user_tasks import load_user_tasks
 
 st.set_page_config(page_title="Ensemble TDA Explorer", page_icon=":material/hub:", layout="wide")
 
@@ -15,6 +16,7 @@ PAGES = [
     st.Page("pages/learn.py", title="Learn", icon=":material/school:"),
 ]
 
+load_user_tasks()  # tasks from TDA_TASKS_FILE and image folders recorded in the store, like the CLI
 page = st.navigation(PAGES)
 sidebar()
 page.run()

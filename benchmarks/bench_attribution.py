@@ -122,7 +122,7 @@ def main() -> None:
     from tda_core.features import GradientSource, all_param_names, compute_features
 
     src = GradientSource(base.model, all_param_names(base.model), task.sequence)
-    sample = compute_features(src, ds.x_train[:500], ds.y_train[:500], "none", device=device).phi
+    sample = compute_features(src, ds.x_train[:500], ds.y_train[:500], device=device).phi
     lam = float((sample * sample).sum()) * ds.n_train / len(sample) / args.k  # our lambda at c = 1
     os.environ["TQDM_DISABLE"] = "1"  # dattri's progress bars
     theirs, cache_s, attr_s = run_dattri(base.model, ds, n_test, args.k, lam, device)

@@ -43,10 +43,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = load_or_train(task, [0], store=Store(tmp), device="cpu", dataset=ds)[0].model.eval()
     src = GradientSource(model, all_param_names(model), False)
-    train = compute_features(src, ds.x_train, ds.y_train, "none")
-    test = compute_features(src, ds.x_test[:args.n_test], ds.y_test[:args.n_test], "none")
+    train = compute_features(src, ds.x_train, ds.y_train)
+    test = compute_features(src, ds.x_test[:args.n_test], ds.y_test[:args.n_test])
     sampled = sample_labels(src, ds.x_train, ds.y_train, derive_seed(0, "fisher", "bench", 0))
-    psi = fisher_rows(compute_features(src, ds.x_train, sampled, "none"))
+    psi = fisher_rows(compute_features(src, ds.x_train, sampled))
     loss_rows = loss_weight(train)[:, None] * train.phi
     trace = float((psi * psi).sum(1).mean())
     fisher = fisher_scores(loss_rows, psi, test.phi, cs)
@@ -54,7 +54,7 @@ def main() -> None:
     empirical = {c: fisher_scores(loss_rows, loss_rows, test.phi, [c * ratio])[c * ratio] for c in cs}
     exact, info = exact_if_scores(src, ds.x_train, ds.y_train, train.phi, train.p, test.phi, cs, trace, max_iter=500)
     gauss_newton, _ = exact_if_scores(src, ds.x_train, ds.y_train, train.phi, train.p, test.phi, cs, trace,
-                                      max_iter=500, curvature="gauss-newton")
+                                      max_iter=500, hessian="gauss-newton")
     grad_dot = loss_rows @ test.phi.T
     print(f"digits MLP, {args.epochs} epochs, {ds.n_train} train, {args.n_test} test examples, exact gradients; "
           "rank correlation with the exact-Hessian IF:")

@@ -5,10 +5,13 @@ import dataclasses
 
 import streamlit as st
 
-from tda_core import explore
-from tda_core.specs import ENSEMBLE_KINDS, EnsembleSpec
-from tda_core.ui_state import (KIND_LABELS, cached_dataset, cached_predictions, current_setting, friendly_errors,
-                               gallery, obtain_attribution, show_examples)
+from pages.ui.cached import cached_dataset, cached_predictions
+from pages.ui.present import caption, describe_example, example_label, kind_label
+from pages.ui.state import current_setting, friendly_errors
+from pages.ui.widgets import gallery, obtain_attribution, show_examples
+from tda_core import examples, score_analysis
+from tda_core.ensembles import ENSEMBLES
+from tda_core.specs import EnsembleSpec
 
 st.title("Attribution browser")
 setting = current_setting()
@@ -23,7 +26,7 @@ def show_ranking(frame, split: str, roles: tuple[tuple[str, str], ...], table_ti
         rows = frame[frame["role"] == role]
         st.markdown(f"**{title}**")
         show_examples(dataset, split, rows["position"].tolist(),
-                      [explore.caption(r) for _, r in rows.iterrows()], per_row=8 if is_image else None, key=role)
+                      [caption(r) for _, r in rows.iterrows()], per_row=8 if is_image else None, key=role)
     with st.expander(table_title):
         st.dataframe(frame, hide_index=True, width="stretch")
 
@@ -41,12 +44,12 @@ tab_one, tab_two, tab_reverse = st.tabs([":material/person_search: Proponents & 
 # --- choose a test example -------------------------------------------------------------------------
 with st.sidebar:
     st.markdown("### Test example")
-    table = explore.example_table(dataset, cached_predictions(setting) if is_image else None)
+    table = examples.example_table(dataset, cached_predictions(setting) if is_image else None)
     if "label" in table:
         labels = st.multiselect("Class", sorted(table["label"].unique()), key="browse_labels")
         correctness = st.radio("Prediction", ["all", "correct", "wrong"], horizontal=True, key="browse_correct")
         with friendly_errors():
-            table = explore.filter_tests(table, labels, correctness)
+            table = examples.filter_tests(table, labels, correctness)
     if table.empty:
         st.warning("No test example matches these filters; clear them.")
         st.stop()
@@ -54,7 +57,7 @@ with st.sidebar:
     if st.session_state.get("test_pos") not in positions:
         st.session_state["test_pos"] = positions[0]
     st.selectbox("Test example (position)", positions, key="test_pos",
-                 format_func=lambda p: explore.example_label(table, p))
+                 format_func=lambda p: example_label(table, p))
     k = st.slider("k (proponents / opponents shown)", 1, 20, 8 if is_image else 4, key="browse_k")
 test_pos = int(st.session_state["test_pos"])
 
@@ -62,9 +65,9 @@ with tab_one:
     left, right = st.columns([1, 4], gap="large") if is_image else (st.container(), st.container())
     with left:
         st.markdown("**Test example**")
-        show_examples(dataset, "test", [test_pos], [explore.example_label(table, test_pos)], size=168, key="test")
+        show_examples(dataset, "test", [test_pos], [example_label(table, test_pos)], size=168, key="test")
     with right:
-        show_ranking(explore.top_k(scores, test_pos, k, dataset), "train",
+        show_ranking(score_analysis.top_k(scores, test_pos, k, dataset), "train",
                      (("proponent", "Top proponents — training examples that raise its target"),
                       ("opponent", "Top opponents — training examples that lower it")),
                      "As a table (label · source index = position in the original data · score)")
@@ -77,9 +80,9 @@ with tab_one:
 with tab_two:
     st.markdown("Compare the current setting with a second ensemble of the same task and method.")
     c = st.columns(4)
-    kind_b = c[0].selectbox("Second ensemble", ENSEMBLE_KINDS, index=0, key="cmp_kind", format_func=KIND_LABELS.get)
+    kind_b = c[0].selectbox("Second ensemble", ENSEMBLES.names(), index=0, key="cmp_kind", format_func=kind_label)
     i_b = c[1].number_input("I", 1, 50, 2, key="cmp_I")
-    budget_name = {"dropout": "D", "dropout-forward": "D", "lora": "L", "proj-seeds": "P"}.get(kind_b)
+    budget_name = ENSEMBLES.get(kind_b).budget
     budget = c[2].number_input(budget_name or "members per model", 1, 50, 5, key="cmp_budget",
                                disabled=budget_name is None)
     with friendly_errors():
@@ -88,7 +91,7 @@ with tab_two:
         other = dataclasses.replace(setting, ensemble=ensemble_b)
     attribution_b = obtain_attribution(other, "compare")
     if attribution_b is not None:
-        comparison = explore.compare(scores, attribution_b.scores, test_pos, k)
+        comparison = score_analysis.compare(scores, attribution_b.scores, test_pos, k)
         m = st.columns(3)
         m[0].metric(f"Top-{k} proponents shared", f"{comparison.overlap} / {k}")
         m[1].metric(f"Top-{k} opponents shared", f"{comparison.opponent_overlap} / {k}")
@@ -99,16 +102,16 @@ with tab_two:
                                      ("b", cols[1], other.label, attribution_b.scores)):
             with col:
                 st.markdown(f"**{label}**")
-                rows = explore.top_k(sc, test_pos, k, dataset)
+                rows = score_analysis.top_k(sc, test_pos, k, dataset)
                 rows = rows[rows["role"] == "proponent"]
                 show_examples(dataset, "train", rows["position"].tolist(),
-                              [explore.caption(r) for _, r in rows.iterrows()], per_row=4 if is_image else 1,
+                              [caption(r) for _, r in rows.iterrows()], per_row=4 if is_image else 1,
                               key=f"compare-{side}")
 
 # --- reverse view ------------------------------------------------------------------------------------
 with tab_reverse:
     st.markdown("Pick a training example and see the test examples it helps and hurts most.")
-    default_train = int(explore.top_k(scores, test_pos, 1, dataset)["position"].iloc[0])
+    default_train = int(score_analysis.top_k(scores, test_pos, 1, dataset)["position"].iloc[0])
     train_pos = st.number_input(f"Training example (position 0..{dataset.n_train - 1}; default: the top "
                                 "proponent of the chosen test example)", 0, dataset.n_train - 1, default_train,
                                 key="reverse_pos")
@@ -116,8 +119,8 @@ with tab_reverse:
     with left:
         st.markdown("**Training example**")
         show_examples(dataset, "train", [int(train_pos)],
-                      [explore.describe_example(dataset, "train", int(train_pos))], size=168, key="reverse")
+                      [describe_example(dataset, "train", int(train_pos))], size=168, key="reverse")
     with right:
-        show_ranking(explore.reverse_top_k(scores, int(train_pos), k, dataset), "test",
+        show_ranking(score_analysis.reverse_top_k(scores, int(train_pos), k, dataset), "test",
                      (("helps", "Test examples it helps most"), ("hurts", "Test examples it hurts most")),
                      "As a table")

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from tda_core import explore
+from pages.ui.cached import cached_attribution, cached_ground_truth, cached_run, has_ground_truth, plan_setting
+from pages.ui.present import breakdown_table, human_bytes, plan_summary, seconds_per_model
+from pages.ui.state import current_setting, friendly_errors
+from pages.ui.widgets import StreamlitProgress, is_ready
+from tda_core.results import append_results, is_recorded
 from tda_core.specs import EvalSpec
 from tda_core.store import Store
-from tda_core.ui_state import (StreamlitProgress, cached_attribution, cached_ground_truth, cached_run, current_setting,
-                               friendly_errors, is_ready, plan_setting, plan_summary)
 
 st.title("Build & attribute")
 setting = current_setting()
@@ -21,9 +23,9 @@ st.subheader("Before running: the work it implies")
 m = st.columns(4)
 m[0].metric("Models to train", len(work.models_to_train), help=f"{len(work.models_stored)} already stored")
 m[1].metric("Members", len(work.members))
-m[2].metric("Peak memory (est.)", explore.human_bytes(work.peak_bytes),
-            help=f"budget {explore.human_bytes(work.budget_bytes)} (set TDA_MEMORY_BUDGET_GB to change it)")
-m[3].metric("Feature cache (est.)", explore.human_bytes(work.disk_bytes))
+m[2].metric("Peak memory (est.)", human_bytes(work.peak_bytes),
+            help=f"budget {human_bytes(work.budget_bytes)} (set TDA_MEMORY_BUDGET_GB to change it)")
+m[3].metric("Feature cache (est.)", human_bytes(work.disk_bytes))
 st.caption(plan_summary(work))
 with st.expander("Members"):
     st.dataframe({"member": work.members}, hide_index=True, width="stretch")
@@ -46,11 +48,11 @@ if ready or st.button("Run", type="primary", icon=":material/play_arrow:", key="
     c = st.columns(5)
     c[0].metric("Training", f"{costs.train_s:.1f} s", help="base models plus fine-tuning; ground truth excluded")
     c[1].metric("Serving", f"{costs.serve_s:.1f} s", help="features, scoring and combination")
-    c[2].metric("Space", explore.human_bytes(costs.space_bytes), help="checkpoints, adapters and cached features")
+    c[2].metric("Space", human_bytes(costs.space_bytes), help="checkpoints, adapters and cached features")
     c[3].metric("Trained / members", f"{costs.n_trained} / {costs.n_members}")
     c[4].metric("Damping c", "-" if attribution.damping is None else f"{attribution.damping:g}")
     with st.expander("Cost breakdown (seconds)"):
-        st.dataframe(explore.breakdown_table(costs), hide_index=True)
+        st.dataframe(breakdown_table(costs), hide_index=True)
 
     st.subheader("Attribution quality (LDS)")
     e = st.columns(3)
@@ -58,18 +60,18 @@ if ready or st.button("Run", type="primary", icon=":material/play_arrow:", key="
                     alpha=e[1].number_input("Subset fraction alpha", 0.05, 0.95, 0.5, step=0.05, key="build_alpha"),
                     runs=e[2].number_input("Runs per subset R", 1, 10, 1, key="build_runs"))
     store = Store()
-    if explore.has_ground_truth(setting.task, spec, store):
+    if has_ground_truth(setting.task, spec):
         with friendly_errors():
             result = cached_run(setting, spec)
         st.metric("LDS", f"{result.lds:.3f} ± {result.lds_sem:.3f}",
                   help=f"mean ± standard error over {result.n_eval} test examples (the validation split is held out)")
-        if explore.is_recorded(result, store):
+        if is_recorded(result.setting_key, store):
             st.caption("This setting is in the results table: see it on the **LDS vs cost** page.")
         elif st.button("Add to the results table (LDS vs cost page)", key="build_record"):
-            explore.record(result, store)
+            append_results(store, [result.row()])
             st.success("Added; open **LDS vs cost** to see it against the others.")
     else:
-        per_model = explore.seconds_per_model(attribution)
+        per_model = seconds_per_model(attribution.costs)
         st.info(f"No ground truth yet for M={spec.M}, alpha={spec.alpha:g}, R={spec.runs}: it trains "
                 f"{spec.M * spec.runs} models on {spec.alpha:.0%} of the data, in batches of 25 (one full model "
                 f"took {per_model:.1f} s here when trained alone). It is stored and shared by every setting.",

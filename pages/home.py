@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from tda_core import explore
+from pages.ui.cached import cached_device
+from pages.ui.present import results_display, store_overview
+from pages.ui.state import current_setting
+from tda_core.data import dataset_table
+from tda_core.results import results_frame
 from tda_core.store import Store
-from tda_core.ui_state import cached_device, current_setting
 
 st.title("Ensemble TDA Explorer")
 st.markdown(
@@ -44,18 +47,18 @@ with left:
     store = Store()
     st.subheader("Store")
     st.caption(f"`{store.root}` (set `TDA_STORE` to use another)")
-    overview = explore.store_overview(store)
+    overview = store_overview(store)
     if overview.empty:
         st.info("Nothing computed yet. Open **Build & attribute** to run the current setting.")
     else:
         st.dataframe(overview, hide_index=True, width="stretch")
 with right:
     st.subheader("Datasets")
-    st.dataframe(explore.dataset_rows(), hide_index=True, width="stretch",
+    st.dataframe(dataset_table(), hide_index=True, width="stretch",
                  column_config={"where": st.column_config.TextColumn(width="large")})
-    results = explore.results_frame(store)
+    results = results_frame(store)
     if not results.empty:
         st.subheader(f"Best of {len(results)} results (all on the LDS vs cost page)")
-        shown = explore.results_display(results)
+        shown = results_display(results)
         columns = ["task", "method", "proj", "ensemble", "I", "D", "L", "P", "lds", "lds_sem", "train_s", "serve_s"]
         st.dataframe(shown[columns].head(8), hide_index=True, width="stretch")

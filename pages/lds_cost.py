@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import streamlit as st
 
-from tda_core import explore
-from tda_core.experiments import COST_LABELS, GRIDS, plan_sweep, sweep, sweep_settings
-from tda_core.specs import PROJECTIONS, EvalSpec
+from pages.ui.present import method_label, projection_label, results_display
+from pages.ui.state import current_setting, friendly_errors
+from pages.ui.widgets import StreamlitProgress
+from tda_core.experiments import GRIDS, plan_sweep, sweep, sweep_settings
+from tda_core.methods import METHODS
+from tda_core.projections import PROJECTIONS
+from tda_core.results import COST_LABELS, filter_results, lds_cost_figure, results_frame
+from tda_core.specs import EvalSpec
 from tda_core.store import Store
-from tda_core.ui_state import METHOD_LABELS, PROJ_LABELS, StreamlitProgress, current_setting, friendly_errors
 
 st.title("LDS vs cost")
 st.markdown("Each point is one setting: its attribution quality (LDS, higher is better) against what it cost. "
@@ -16,16 +20,16 @@ st.markdown("Each point is one setting: its attribution quality (LDS, higher is 
             "is its height above that series.")
 setting = current_setting()
 store = Store()
-results = explore.results_frame(store)
+results = results_frame(store)
 
 with st.expander(f":material/play_circle: Run a grid sweep for {setting.task.name} (the sidebar's task)",
                  expanded=results.empty):
     c = st.columns([1, 2, 2, 1])
     grid = c[0].selectbox("Grid", sorted(GRIDS), index=sorted(GRIDS).index("paper"), key="sweep_grid",
                           help="paper: the research's comparison with the controls; small: a quick check")
-    methods = c[1].multiselect("Methods", list(METHOD_LABELS), default=["trak"], format_func=METHOD_LABELS.get,
+    methods = c[1].multiselect("Methods", METHODS.names(), default=["trak"], format_func=method_label,
                                key="sweep_methods")
-    projections = c[2].multiselect("Projections", PROJECTIONS, default=["kron"], format_func=PROJ_LABELS.get,
+    projections = c[2].multiselect("Projections", PROJECTIONS.names(), default=["kron"], format_func=projection_label,
                                    key="sweep_proj")
     subsets = c[3].number_input("Subsets M", 2, 500, 50, key="sweep_M")
     spec = EvalSpec(M=int(subsets))
@@ -59,7 +63,7 @@ chosen_proj = f[2].multiselect("Projections", sorted(subset["proj"].astype(str).
                                placeholder="all projections")
 chosen_series = f[3].multiselect("Ensembles", sorted(subset["series"].unique()), key="lc_series",
                                  placeholder="all ensembles")
-subset = explore.filter_results(subset, chosen_methods, chosen_proj, chosen_series)
+subset = filter_results(subset, chosen_methods, chosen_proj, chosen_series)
 if subset.empty:
     st.warning("No result matches these filters; clear some of them.")
     st.stop()
@@ -67,9 +71,9 @@ if subset.empty:
 o = st.columns([2, 1, 4])
 x = o[0].selectbox("x axis", list(COST_LABELS), format_func=COST_LABELS.get, key="lc_x")
 log_x = o[1].toggle("log x", value=x in ("train_s", "serve_s", "space_bytes"), key="lc_log")
-st.plotly_chart(explore.lds_cost_figure(subset, x, log_x), width="stretch")
+st.plotly_chart(lds_cost_figure(subset, x, log_x), width="stretch")
 
 st.subheader(f"{len(subset)} results")
-st.dataframe(explore.results_display(subset), hide_index=True, width="stretch")
+st.dataframe(results_display(subset), hide_index=True, width="stretch")
 st.download_button("Download CSV", subset.drop(columns=["setting", "series", "budget"]).to_csv(index=False).encode(),
                    f"results-{task}.csv", mime="text/csv", icon=":material/download:")

@@ -6,12 +6,14 @@ from pathlib import Path
 import plotly.express as px
 import streamlit as st
 
-from tda_core import explore
+from pages.ui.cached import all_stored, cached_attribution_of, cached_dataset, cached_ground_truth, has_ground_truth
+from pages.ui.present import caption, counterfactual_view, describe_example
+from pages.ui.state import friendly_errors
+from pages.ui.widgets import StreamlitProgress, show_examples
+from tda_core import score_analysis
+from tda_core.evaluation import counterfactual
 from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec
-from tda_core.store import Store
 from tda_core.tasks import get_task
-from tda_core.ui_state import (StreamlitProgress, cached_attribution_of, cached_dataset, cached_ground_truth,
-                               friendly_errors, show_examples)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TASK = get_task("digits-mlp")
@@ -25,11 +27,11 @@ st.markdown("Every example below runs live on scikit-learn's 8x8 digits (1500 tr
 dataset = cached_dataset(TASK.dataset)
 test_pos = st.slider("Test digit used in every example below (position in the test set)", 0, dataset.n_test - 1, 7,
                      key="learn_test")
-show_examples(dataset, "test", [test_pos], [explore.describe_example(dataset, "test", test_pos)], size=96)
+show_examples(dataset, "test", [test_pos], [describe_example(dataset, "test", test_pos)], size=96)
 
 LIVE = [(MethodSpec("grad-dot"), EnsembleSpec("naive", I=1)), (MethodSpec("grad-cos"), EnsembleSpec("naive", I=1))]
 LIVE += [(TRAK, EnsembleSpec("naive", I=1, seed=s)) for s in SEEDS]
-live = st.session_state.get("learn_live") or explore.all_stored(TASK, LIVE, Store())
+live = st.session_state.get("learn_live") or all_stored(TASK, LIVE)
 if not live:
     st.info(f"The live examples train {len(SEEDS)} small MLPs on digits and attribute with them: seconds on a free "
             "machine, a minute or two on two busy cores. They are stored, so this happens once.",
@@ -44,10 +46,10 @@ def attribution(method: MethodSpec, ensemble: EnsembleSpec):  # noqa: ANN201 - A
 
 
 def top_row(scores, k: int = 6, size: int = 64) -> None:  # noqa: ANN001
-    rows = explore.top_k(scores, test_pos, k, dataset)
+    rows = score_analysis.top_k(scores, test_pos, k, dataset)
     rows = rows[rows["role"] == "proponent"]
     show_examples(dataset, "train", rows["position"].tolist(),
-                  [explore.caption(r, compact=size < 64) for _, r in rows.iterrows()], size=size)
+                  [caption(r, compact=size < 64) for _, r in rows.iterrows()], size=size)
 
 
 # --- 1 -------------------------------------------------------------------------------------------------
@@ -66,7 +68,7 @@ for col, name in zip(cols, ("grad-dot", "grad-cos")):
         st.markdown(f"**{'Grad-Dot' if name == 'grad-dot' else 'Grad-Cos'}: top proponents**")
         top_row(att.scores)
         st.metric("Distinct training examples among all test digits' top-10",
-                  f"{explore.hub_share(att.scores, 10):.0%}",
+                  f"{score_analysis.hub_share(att.scores, 10):.0%}",
                   help="low = the same few training examples top almost every list")
 
 # --- 2 -------------------------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ st.markdown("A neural network's loss is not convex: models trained with differen
             "score, and it agrees with every member better than the members agree with each other.")
 members = [attribution(TRAK, EnsembleSpec("naive", I=1, seed=s)).scores for s in SEEDS] if live else []
 if members:
-    agreement = explore.member_agreement(members)
+    agreement = score_analysis.member_agreement(members)
     left, right = st.columns([2, 3], gap="large")
     with left:
         fig = px.imshow(agreement.round(2), text_auto=True, color_continuous_scale="Blues", zmin=0, zmax=1,
@@ -115,22 +117,21 @@ st.markdown(f"Train {EVAL.M} models, each on a random half of the training set, 
             "the test digit. A good attribution predicts those outcomes: the predicted value for a subset is the "
             "sum of the scores of the training examples in it. The **linear datamodeling score (LDS)** is the "
             "Spearman rank correlation between predicted and actual, averaged over test examples.")
-store = Store()
-if explore.has_ground_truth(TASK, EVAL, store) or st.button(
+if has_ground_truth(TASK, EVAL) or st.button(
         f"Train the {EVAL.M} subset models (about 10-30 s on 2 CPU cores)", key="learn_gt", type="primary"):
     with friendly_errors():
         truth = cached_ground_truth(TASK, EVAL, StreamlitProgress("Training the subset models"))
     average = sum(members) / len(members)
     left, right = st.columns(2, gap="large")
     for col, title, scores in ((left, "One model (seed 0)", members[0]), (right, "Average of five", average)):
-        frame, rho = explore.lds_scatter(scores, truth.subsets, truth.values, test_pos)
+        frame, rho = score_analysis.lds_scatter(scores, truth.subsets, truth.values, test_pos)
         fig = px.scatter(frame, x="predicted", y="actual", hover_data=["subset"],
                          title=f"{title}: Spearman {rho:.2f} for this digit",
                          labels={"predicted": "predicted (sum of scores in the subset)",
                                  "actual": "actual margin of the subset model"})
         fig.update_layout(height=360, margin=dict(l=10, r=10, t=50, b=10))
         col.plotly_chart(fig, width="stretch")
-    ladder = explore.lds_ladder(members, truth)
+    ladder = score_analysis.lds_ladder(members, truth)
     st.markdown("LDS over all test digits as members are averaged (mean ± standard error):")
     st.dataframe(ladder, hide_index=True)
 else:
@@ -145,9 +146,10 @@ if st.button("Remove and retrain (a few seconds)", key="learn_cf"):
     average = sum(members) / len(members)
     with friendly_errors():
         progress = StreamlitProgress("Retraining without them")
-        result = explore.counterfactual_frame(TASK, average, test_pos, k_cf, progress=progress)
+        result = counterfactual(TASK, score_analysis.as_numpy(average)[:, test_pos], test_pos, k_cf,
+                                progress=progress)
         progress.finish()
-    frame, summary = result
+    frame, summary = counterfactual_view(result)
     fig = px.strip(frame, x="change", y="removed", color="removed", stripmode="overlay",
                    title="Change of the test digit's margin after retraining",
                    labels={"change": "margin change (negative = the prediction got less confident)", "removed": ""})

@@ -33,10 +33,12 @@ class Costs:
 
 
 class Ledger:
-    """Accumulates named seconds and bytes while an attribution runs."""
+    """Accumulates what an attribution costs while it runs: named seconds, the full serving seconds, bytes."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.serve_s = 0.0  # the full computation's serving seconds (cached parts at their recorded seconds)
+        self.space_bytes = 0
 
     def add(self, timings: dict[str, float], prefix: str = "") -> None:
         for name, s in timings.items():
@@ -49,3 +51,11 @@ class Ledger:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - t0
+
+    def costs(self, n_trained: int, n_members: int, device: str, serve_now_s: float) -> Costs:
+        """The record of a finished computation (training = base models + fine-tuning, as recorded)."""
+        breakdown = dict(self.seconds)
+        return Costs(train_s=breakdown.get("base_train_s", 0.0) + breakdown.get("finetune_s", 0.0),
+                     serve_s=self.serve_s, space_bytes=int(self.space_bytes), n_trained=n_trained,
+                     n_members=n_members, device=device, breakdown=breakdown, serve_now_s=serve_now_s,
+                     from_store=False)

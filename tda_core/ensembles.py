@@ -1,34 +1,37 @@
-"""Members from base models: naive, dropout (fixed or fresh masks), dropout-forward, LoRA, proj-seeds.
+"""Ensemble kinds: how members are built from I base models, one registry entry per kind.
 
 A member is a model state plus the masks its gradients see and the seed of its projection.
 Projection seeds come from (method seed, base seed, j): member j of a base model gets its own
 projection, or projection 0 with `shared_projection` (so a mask or adapter effect is measured
 alone). Naive members and proj-seeds member 0 use projection 0, hence proj-seeds with P = 1 is
 the naive ensemble and a shared-projection member with p = 0 (or B = 0) is its base member.
-LoRA adapters are fine-tuned with peft and stored (never merged copies); gradients are taken
-over the merged weights (default) or over the adapter weights only.
+
+Kinds: naive (I members), dropout (I x D fixed- or fresh-mask members), dropout-forward (I members whose
+forward-only Q averages D masks), lora (I x L peft adapters, tda_core/lora.py) and proj-seeds (I x P
+projection seeds: the control for projection noise). To add a kind, write its member builder here and
+`register_kind` it; specs, the planner, the engine, the CLI and the app read it from `ENSEMBLES`.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from .data import Dataset
 from .errors import UserError
 from .features import GradientSource, all_param_names, derive_seed, mask_averaged_probabilities
-from .models.dropout import draw_masks, fixed_masks, mask_shapes, use_masks
-from .objectives import per_example_loss
-from .specs import EnsembleSpec, MethodSpec, TaskSpec
-from .store import Store, spec_key
+from .lora import load_or_finetune_lora, with_adapter
+from .models.dropout import draw_masks, fixed_masks, mask_shapes
+from .registry import Registry
+from .specs import EnsembleSpec, MethodSpec, TaskSpec, method_record
+from .store import Store
 from .training import TrainedModel, dropout_rates
 
-ADAPTER_KIND = "adapters"
+ForwardQ = Callable[[Dataset, torch.device], torch.Tensor]
 
 
 @dataclasses.dataclass
@@ -41,11 +44,63 @@ class Member:
     test_source: GradientSource
     proj_seed: int
     variant: dict  # identifies the gradient function (part of the feature-cache key)
-    q_masks: list[dict[str, torch.Tensor]] | None = None  # dropout-forward: the D masks averaged into Q
+    forward_q: ForwardQ | None = None  # dropout-forward: Q = 1 - p averaged over D masked forward passes
     finetune_s: float = 0.0  # fine-tuning seconds as recorded when the adapter was trained
     finetune_now_s: float = 0.0  # seconds spent fine-tuning in this call (0 when the adapter was stored)
     adapter_bytes: int = 0
     adapter_key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberContext:
+    """What a kind's member builder may use."""
+
+    task: TaskSpec
+    ensemble: EnsembleSpec
+    method: MethodSpec
+    dataset: Dataset
+    store: Store
+    device: torch.device
+    test_positions: torch.Tensor
+
+    def plain_source(self, model: nn.Module) -> GradientSource:
+        """All trainable parameters of `model`, no masks."""
+        return GradientSource(model, all_param_names(model), self.task.sequence)
+
+    def member(self, base: TrainedModel, j: int, train: GradientSource, test: GradientSource | None = None,
+               variant: dict | None = None, shared: bool = False, **extra) -> Member:
+        """Member j of `base`: its label, and projection j (projection 0 when `shared`)."""
+        return Member(member_label(self.ensemble, base.seed, j), base, train, test or train,
+                      projection_seed(self.method, base.seed, 0 if shared else j),
+                      variant or {"grad": "plain"}, **extra)
+
+
+Builder = Callable[[MemberContext, TrainedModel], Iterator[Member]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleKind:
+    """One ensemble kind: how many members per base model, how they are built, and what it is called."""
+
+    name: str
+    label: str
+    build: Builder  # the members of one base model, in order
+    members_per_model: Callable[[EnsembleSpec], int] = lambda ensemble: 1
+    budget: str | None = None  # the EnsembleSpec field a user sets per base model (D, L, P), if any
+    budget_label: str = ""  # what one unit of the budget is ("dropout masks", ...)
+    fields: tuple[str, ...] = ()  # other EnsembleSpec fields this kind reads
+    member_suffix: Callable[[EnsembleSpec, int], str] = lambda ensemble, j: ""  # label of member j of a model
+    differentiated: Callable[[nn.Module, EnsembleSpec], nn.Module] | None = None  # what members differentiate
+    check: Callable[[TaskSpec, MethodSpec, EnsembleSpec], None] | None = None  # refuse what it cannot do
+    description: str = ""
+
+
+ENSEMBLES: Registry[EnsembleKind] = Registry("ensemble")
+
+
+def register_kind(kind: EnsembleKind) -> EnsembleKind:
+    """Add an ensemble kind."""
+    return ENSEMBLES.register(kind.name, kind)
 
 
 def base_seeds(ensemble: EnsembleSpec) -> list[int]:
@@ -58,20 +113,52 @@ def projection_seed(method: MethodSpec, base_seed: int, j: int) -> int:
     return derive_seed(method.seed, "projection", base_seed, j)
 
 
+def member_label(ensemble: EnsembleSpec, base_seed: int, j: int) -> str:
+    """Description of member j of the base model with seed `base_seed`."""
+    return f"model seed {base_seed}{ENSEMBLES.get(ensemble.kind).member_suffix(ensemble, j)}"
+
+
 def member_labels(ensemble: EnsembleSpec) -> list[str]:
     """One description per member, in the order members are built."""
-    inner = {"naive": (1, ""), "dropout": (ensemble.D, "mask seed"), "dropout-forward": (1, ""),
-             "lora": (ensemble.L, "adapter seed"), "proj-seeds": (ensemble.P, "projection")}[ensemble.kind]
-    labels = []
-    for s in base_seeds(ensemble):
-        for j in range(inner[0]):
-            extra = f", {inner[1]} {j}" if inner[1] else ""
-            if ensemble.kind == "dropout-forward":
-                extra = f", Q over {ensemble.D} masks"
-            labels.append(f"model seed {s}{extra}")
-    return labels
+    per_model = ENSEMBLES.get(ensemble.kind).members_per_model(ensemble)
+    return [member_label(ensemble, s, j) for s in base_seeds(ensemble) for j in range(per_model)]
 
 
+def check_setting(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec) -> None:
+    """Raise a UserError when the ensemble kind cannot serve this task and method."""
+    kind = ENSEMBLES.get(ensemble.kind)
+    if kind.check is not None:
+        kind.check(task, method, ensemble)
+
+
+def differentiated_model(model: nn.Module, ensemble: EnsembleSpec) -> nn.Module:
+    """The module whose trainable parameters the members of this ensemble differentiate (for sizing)."""
+    kind = ENSEMBLES.get(ensemble.kind)
+    return kind.differentiated(model, ensemble) if kind.differentiated else model
+
+
+def build_members(task: TaskSpec, ensemble: EnsembleSpec, method: MethodSpec, bases: list[TrainedModel],
+                  dataset: Dataset, store: Store, device: torch.device,
+                  test_positions: torch.Tensor) -> Iterator[Member]:
+    """Yield the members in order (LoRA adapters are fine-tuned or loaded as they are reached)."""
+    ctx = MemberContext(task, ensemble, method, dataset, store, device, test_positions)
+    build = ENSEMBLES.get(ensemble.kind).build
+    for base in bases:
+        yield from build(ctx, base)
+
+
+# --- naive and the projection-seed control ------------------------------------------------------------
+def _naive_members(ctx: MemberContext, base: TrainedModel) -> Iterator[Member]:
+    yield ctx.member(base, 0, ctx.plain_source(base.model))
+
+
+def _projection_seed_members(ctx: MemberContext, base: TrainedModel) -> Iterator[Member]:
+    plain = ctx.plain_source(base.model)
+    for j in range(ctx.ensemble.P):
+        yield ctx.member(base, j, plain)
+
+
+# --- dropout ------------------------------------------------------------------------------------------
 def _rates(model: nn.Module, ensemble: EnsembleSpec) -> dict[str, float]:
     rates = dropout_rates(model)
     if not rates:
@@ -79,126 +166,36 @@ def _rates(model: nn.Module, ensemble: EnsembleSpec) -> dict[str, float]:
     return rates if ensemble.dropout_p is None else {k: ensemble.dropout_p for k in rates}
 
 
-def _fresh_masks(shapes, rates, n: int, seed: int, split: str) -> dict[str, torch.Tensor]:
+def _mask_seeds(ctx: MemberContext, base: TrainedModel) -> list[int]:
+    return [derive_seed(ctx.ensemble.seed, "mask", base.seed, d) for d in range(ctx.ensemble.D)]
+
+
+def _mask_shapes(ctx: MemberContext, model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return mask_shapes(model, ctx.dataset.x_train[:1].to(ctx.device))
+
+
+def _fresh_masks(shapes, rates, n: int, seed: int, split: str) -> dict[str, torch.Tensor]:  # noqa: ANN001
     return draw_masks(shapes, rates, n, torch.Generator().manual_seed(derive_seed(seed, split)))
 
 
-def build_members(task: TaskSpec, ensemble: EnsembleSpec, method: MethodSpec, bases: list[TrainedModel],
-                  dataset: Dataset, store: Store, device: torch.device,
-                  test_positions: torch.Tensor) -> Iterator[Member]:
-    """Yield the members in order (LoRA adapters are fine-tuned or loaded as they are reached)."""
-    labels = iter(member_labels(ensemble))
-    for base in bases:
-        model, s = base.model, base.seed
-        plain = GradientSource(model, all_param_names(model), task.sequence)
-        if ensemble.kind in ("naive", "proj-seeds"):
-            for j in range(ensemble.P if ensemble.kind == "proj-seeds" else 1):
-                yield Member(next(labels), base, plain, plain, projection_seed(method, s, j), {"grad": "plain"})
-        elif ensemble.kind in ("dropout", "dropout-forward"):
-            rates = _rates(model, ensemble)
-            shapes = mask_shapes(model, dataset.x_train[:1].to(device))
-            mask_seeds = [derive_seed(ensemble.seed, "mask", s, d) for d in range(ensemble.D)]
-            if ensemble.kind == "dropout-forward":
-                q_masks = [fixed_masks(shapes, rates, ms, device) for ms in mask_seeds]
-                if ensemble.forward_grad == "plain":  # plain gradient (the naive member's), Q over the masks
-                    yield Member(next(labels), base, plain, plain, projection_seed(method, s, 0),
-                                 {"grad": "plain"}, q_masks=q_masks)
-                else:  # gradient of the mask-averaged target; its p is the mask-averaged p
-                    avg = GradientSource(model, plain.param_names, task.sequence, average_masks=q_masks)
-                    yield Member(next(labels), base, avg, avg, projection_seed(method, s, 0),
-                                 {"grad": "mask-mean", "mask_seeds": mask_seeds, "rates": rates})
-                continue
-            for d, ms in enumerate(mask_seeds):
-                variant = {"masks": ensemble.masks, "mask_seed": ms, "rates": rates}
-                if ensemble.masks == "fixed":
-                    m = fixed_masks(shapes, rates, ms, device)
-                    tr = te = GradientSource(model, plain.param_names, task.sequence, m)
-                else:
-                    test_m = _fresh_masks(shapes, rates, dataset.n_test, ms, "test")
-                    tr = GradientSource(model, plain.param_names, task.sequence,
-                                        _fresh_masks(shapes, rates, dataset.n_train, ms, "train"), True)
-                    te = GradientSource(model, plain.param_names, task.sequence,
-                                        {k: v[test_positions] for k, v in test_m.items()}, True)
-                j = 0 if ensemble.shared_projection else d
-                yield Member(next(labels), base, tr, te, projection_seed(method, s, j), variant)
-        else:  # lora
-            for li in range(ensemble.L):
-                t0 = time.perf_counter()
-                peft_model, finetune_s, nbytes, key, loaded = load_or_finetune_lora(
-                    task, ensemble, base, dataset, store, device, derive_seed(ensemble.seed, "lora", s, li))
-                finetune_now_s = 0.0 if loaded else time.perf_counter() - t0
-                if ensemble.lora_grad == "merged":
-                    net = copy.deepcopy(peft_model).merge_and_unload().eval().requires_grad_(True)  # peft froze it
-                    src = GradientSource(net, all_param_names(net), task.sequence)
-                else:
-                    src = GradientSource(peft_model.eval(), all_param_names(peft_model), task.sequence)
-                j = 0 if ensemble.shared_projection else li
-                yield Member(next(labels), base, src, src, projection_seed(method, s, j),
-                             {"adapter": key, "grad": ensemble.lora_grad}, finetune_s=finetune_s,
-                             finetune_now_s=finetune_now_s, adapter_bytes=nbytes, adapter_key=key)
+def _dropout_members(ctx: MemberContext, base: TrainedModel) -> Iterator[Member]:
+    ens, model = ctx.ensemble, base.model
+    rates, shapes = _rates(model, ens), _mask_shapes(ctx, model)
+    names = all_param_names(model)
+    for d, ms in enumerate(_mask_seeds(ctx, base)):
+        variant = {"masks": ens.masks, "mask_seed": ms, "rates": rates}
+        if ens.masks == "fixed":
+            train = test = GradientSource(model, names, ctx.task.sequence, fixed_masks(shapes, rates, ms, ctx.device))
+        else:
+            test_m = _fresh_masks(shapes, rates, ctx.dataset.n_test, ms, "test")
+            train = GradientSource(model, names, ctx.task.sequence,
+                                   _fresh_masks(shapes, rates, ctx.dataset.n_train, ms, "train"), True)
+            test = GradientSource(model, names, ctx.task.sequence,
+                                  {k: v[ctx.test_positions] for k, v in test_m.items()}, True)
+        yield ctx.member(base, d, train, test, variant, shared=ens.shared_projection)
 
 
-# --- LoRA ---------------------------------------------------------------------------------------
-def lora_config(model: nn.Module, ensemble: EnsembleSpec) -> LoraConfig:
-    """peft LoRA configuration on the model's declared target modules."""
-    targets = list(getattr(model, "lora_targets", ()))
-    if not targets:
-        raise UserError(f"model {type(model).__name__} names no LoRA target modules; use another ensemble kind")
-    return LoraConfig(r=ensemble.lora_rank, lora_alpha=ensemble.lora_alpha, target_modules=targets,
-                      lora_dropout=0.0, bias="none")
-
-
-def load_or_finetune_lora(task: TaskSpec, ensemble: EnsembleSpec, base: TrainedModel, dataset: Dataset,
-                          store: Store, device: torch.device, seed: int) -> tuple[nn.Module, float, int, str, bool]:
-    """A peft model (base + adapter `seed`): the adapter from the store, or fine-tuned now and stored.
-
-    Returns (peft model, fine-tuning seconds as recorded, adapter bytes, adapter store key, loaded).
-    """
-    config = lora_config(base.model, ensemble)
-    key = spec_key({"checkpoint": base.key, "rank": ensemble.lora_rank, "alpha": ensemble.lora_alpha,
-                    "epochs": ensemble.lora_epochs, "lr": ensemble.lora_lr, "targets": sorted(config.target_modules),
-                    "seed": seed})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # adapter initialisation (A) is drawn from the global RNG
-        peft_model = get_peft_model(copy.deepcopy(base.model), config).to(device)
-
-    def compute():
-        t0 = time.perf_counter()
-        _finetune(peft_model, task, dataset, ensemble, seed, device)
-        meta = {"finetune_s": time.perf_counter() - t0, "checkpoint": base.key, "seed": seed}
-        return get_peft_model_state_dict(peft_model), meta
-
-    art, loaded = store.get_or_create(ADAPTER_KIND, key, compute)
-    if loaded:
-        set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in art.tensors.items()})
-    return peft_model.eval(), float(art.meta["finetune_s"]), art.nbytes, key, loaded
-
-
-def _finetune(peft_model: nn.Module, task: TaskSpec, dataset: Dataset, ensemble: EnsembleSpec, seed: int,
-              device: torch.device) -> None:
-    """Adam on the adapter weights over the full training set, with the model's own dropout."""
-    inner = peft_model.base_model.model
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    if ensemble.lora_epochs == 0:
-        return
-    opt = torch.optim.Adam(params, lr=ensemble.lora_lr)
-    x, y = dataset.x_train.to(device), dataset.y_train.to(device)
-    shapes, rates = mask_shapes(inner, x[:1]), dropout_rates(inner)
-    shuffle = torch.Generator().manual_seed(derive_seed(seed, "shuffle"))
-    mask_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "dropout"))
-    peft_model.train()
-    for _ in range(ensemble.lora_epochs):
-        for idx in torch.randperm(len(x), generator=shuffle).split(task.recipe.batch_size):
-            idx = idx.to(device)
-            with use_masks(inner, draw_masks(shapes, rates, len(idx), mask_gen)):
-                loss = per_example_loss(peft_model(x[idx]), y[idx], task.sequence).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    peft_model.eval()
-
-
-# --- dropout-forward ----------------------------------------------------------------------------
+# --- dropout, forward-only --------------------------------------------------------------------------------
 @torch.no_grad()
 def mask_averaged_q(model: nn.Module, masks: list[dict[str, torch.Tensor]], x: torch.Tensor, y: torch.Tensor,
                     device: torch.device, batch: int = 1024) -> torch.Tensor:
@@ -210,3 +207,76 @@ def mask_averaged_q(model: nn.Module, masks: list[dict[str, torch.Tensor]], x: t
         p = mask_averaged_probabilities(model, masks, xb).gather(-1, yb.unsqueeze(-1)).squeeze(-1)
         out.append(1.0 - p)
     return torch.cat(out)
+
+
+def _forward_only_check(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec) -> None:
+    """With the plain gradient the masks enter only TRAK's Q; where there is no Q the member is the naive one."""
+    if ensemble.forward_grad != "plain":
+        return
+    if task.sequence:
+        raise UserError("dropout-forward would compute exactly the naive member here: its masks enter only TRAK's "
+                        "Q = 1 - p, and sequence targets have no Q; use --ensemble dropout (or --forward-grad "
+                        "mask-mean for the gradient of the mask-averaged target)")
+    if not method_record(method.name).uses_q:
+        raise UserError(f"dropout-forward would compute exactly the naive member with {method.name}: its masks "
+                        "enter only TRAK's Q, which this method does not use; use --method trak, --ensemble dropout "
+                        "or --forward-grad mask-mean")
+
+
+def _forward_members(ctx: MemberContext, base: TrainedModel) -> Iterator[Member]:
+    ens, model = ctx.ensemble, base.model
+    rates, shapes = _rates(model, ens), _mask_shapes(ctx, model)
+    mask_seeds = _mask_seeds(ctx, base)
+    masks = [fixed_masks(shapes, rates, ms, ctx.device) for ms in mask_seeds]
+    if ens.forward_grad == "plain":  # plain gradient (the naive member's), Q over the masks
+        def forward_q(dataset: Dataset, device: torch.device) -> torch.Tensor:
+            return mask_averaged_q(model, masks, dataset.x_train, dataset.y_train, device)
+
+        yield ctx.member(base, 0, ctx.plain_source(model), forward_q=forward_q)
+    else:  # gradient of the mask-averaged target; its p is the mask-averaged p
+        average = GradientSource(model, all_param_names(model), ctx.task.sequence, average_masks=masks)
+        yield ctx.member(base, 0, average, variant={"grad": "mask-mean", "mask_seeds": mask_seeds, "rates": rates})
+
+
+# --- LoRA ---------------------------------------------------------------------------------------------
+def _lora_members(ctx: MemberContext, base: TrainedModel) -> Iterator[Member]:
+    ens = ctx.ensemble
+    for li in range(ens.L):
+        t0 = time.perf_counter()
+        peft_model, finetune_s, nbytes, key, loaded = load_or_finetune_lora(
+            ctx.task, ens, base, ctx.dataset, ctx.store, ctx.device, derive_seed(ens.seed, "lora", base.seed, li))
+        finetune_now_s = 0.0 if loaded else time.perf_counter() - t0
+        if ens.lora_grad == "merged":
+            net = copy.deepcopy(peft_model).merge_and_unload().eval().requires_grad_(True)  # peft froze it
+            source = ctx.plain_source(net)
+        else:
+            source = ctx.plain_source(peft_model.eval())
+        yield ctx.member(base, li, source, variant={"adapter": key, "grad": ens.lora_grad},
+                         shared=ens.shared_projection, finetune_s=finetune_s, finetune_now_s=finetune_now_s,
+                         adapter_bytes=nbytes, adapter_key=key)
+
+
+def _lora_differentiated(model: nn.Module, ensemble: EnsembleSpec) -> nn.Module:
+    return with_adapter(model, ensemble).eval() if ensemble.lora_grad == "adapter" else model
+
+
+register_kind(EnsembleKind(
+    "naive", "naive (I models)", _naive_members,
+    description="I independently trained models, one member each"))
+register_kind(EnsembleKind(
+    "dropout", "Dropout (I x D)", _dropout_members, lambda e: e.D, "D", "dropout masks",
+    ("dropout_p", "masks", "shared_projection"), lambda e, j: f", mask seed {j}",
+    description="member (i, d): model i with dropout fixed to mask d, on the training and the test side"))
+register_kind(EnsembleKind(
+    "dropout-forward", "Dropout forward-only", _forward_members, lambda e: 1, "D", "dropout masks",
+    ("dropout_p", "forward_grad"), lambda e, j: f", Q over {e.D} masks", check=_forward_only_check,
+    description="one member per model; the D masks enter only forward-only quantities (TRAK's Q)"))
+register_kind(EnsembleKind(
+    "lora", "LoRA (I x L)", _lora_members, lambda e: e.L, "L", "LoRA fine-tunes",
+    ("lora_rank", "lora_alpha", "lora_epochs", "lora_lr", "lora_grad", "shared_projection"),
+    lambda e, j: f", adapter seed {j}", differentiated=_lora_differentiated,
+    description="member (i, l): model i after a short LoRA fine-tune with its own seed"))
+register_kind(EnsembleKind(
+    "proj-seeds", "control: projection seeds (I x P)", _projection_seed_members, lambda e: e.P, "P",
+    "projection seeds", (), lambda e, j: f", projection {j}",
+    description="the control: the same model with P projection seeds (averages projection noise only)"))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .data import Dataset, load_dataset
-from .device import resolve_device
+from .context import resolve
 from .errors import UserError
 from .objectives import target
 from .progress import Progress, report
@@ -97,8 +97,8 @@ def _model_key(task: TaskSpec, dataset: Dataset, spec: EvalSpec, j: int, r: int,
 def missing_models(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None,
                    device: str | torch.device = "auto", dataset: Dataset | None = None) -> int:
     """How many of the M x R subset models a ground truth still has to train."""
-    device = resolve_device(device) if isinstance(device, str) else device
-    store = store or Store()
+    task, ctx = resolve(task, store, device)
+    store, device = ctx.store, ctx.device
     dataset = dataset or load_dataset(task.dataset)
     if store.has(GROUND_TRUTH_KIND, _gt_key(task, dataset, spec, device)):
         return 0
@@ -113,8 +113,8 @@ def ground_truth(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None, 
 
     Resumable: each finished model's targets are stored, so a rerun trains only what is missing.
     """
-    device = resolve_device(device) if isinstance(device, str) else device
-    store = store or Store()
+    task, ctx = resolve(task, store, device)
+    store, device = ctx.store, ctx.device
     dataset = dataset or load_dataset(task.dataset)
     if chunk < 1:
         raise UserError(f"chunk must be a positive number of models, got {chunk}")
@@ -202,7 +202,11 @@ def lds(scores: torch.Tensor | np.ndarray, subsets: torch.Tensor | np.ndarray,
         raise ValueError(f"scores cover {scores.shape[1]} test examples but the ground truth {values.shape[1]}")
     if len(subsets) != len(values):
         raise ValueError(f"{len(subsets)} subsets but targets for {len(values)}")
-    per_example = columnwise_spearman(datamodel_predictions(scores, subsets), values)
+    return lds_of_examples(columnwise_spearman(datamodel_predictions(scores, subsets), values))
+
+
+def lds_of_examples(per_example: np.ndarray) -> LDS:
+    """Mean and standard error over the test examples whose LDS is defined."""
     defined = per_example[np.isfinite(per_example)]
     if len(defined) == 0:
         return LDS(float("nan"), float("nan"), per_example)
@@ -217,6 +221,45 @@ def lds_against(scores: torch.Tensor | np.ndarray, truth: GroundTruth,
     if test_positions is not None:
         values = values[:, np.asarray(test_positions, dtype=np.int64)]
     return lds(scores, truth.subsets.numpy(), values)
+
+
+# --- the ground truth's own noise ------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Ceiling:
+    """How reproducible a ground truth is, per test example, and the LDS it allows.
+
+    `reliability`: split-half Spearman between the mean targets of the even and the odd runs of each subset,
+    corrected to all R runs (Spearman-Brown, 2r / (1 + r)); `ceiling`: its square root, the highest correlation
+    any attribution can reach with targets that noisy (the attenuation bound; for rank correlations an
+    approximation). Both NaN with one run per subset.
+    """
+
+    reliability: np.ndarray  # per test example
+    runs: int
+
+    @property
+    def mean_reliability(self) -> float:
+        defined = self.reliability[np.isfinite(self.reliability)]
+        return float(defined.mean()) if len(defined) else float("nan")
+
+    @property
+    def ceiling(self) -> float:
+        """Mean over test examples of sqrt(reliability) (clipped at 0)."""
+        defined = self.reliability[np.isfinite(self.reliability)]
+        return float(np.sqrt(np.clip(defined, 0.0, None)).mean()) if len(defined) else float("nan")
+
+
+def ground_truth_ceiling(truth: GroundTruth, test_positions: Sequence[int] | np.ndarray | None = None) -> Ceiling:
+    """Reliability of the ground truth's targets (needs R >= 2 runs per subset), on `test_positions`."""
+    targets = truth.targets.numpy().astype(np.float64)  # [M, R, n_test]
+    if test_positions is not None:
+        targets = targets[:, :, np.asarray(test_positions, dtype=np.int64)]
+    runs = targets.shape[1]
+    if runs < 2:
+        return Ceiling(np.full(targets.shape[2], np.nan), runs)
+    half = columnwise_spearman(targets[:, 0::2].mean(1), targets[:, 1::2].mean(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return Ceiling(2 * half / (1 + half), runs)
 
 
 # --- counterfactual check ----------------------------------------------------------------------
@@ -265,8 +308,8 @@ def counterfactual(task: TaskSpec, scores: torch.Tensor | np.ndarray, test_posit
                    progress: Progress | None = None) -> Counterfactual:
     """Retrain without the top-k proponents of `test_position` (from its score column `scores` [n_train])
     and without k random examples (`n_random` draws from `seed`), each with the same training `seeds`."""
-    device = resolve_device(device) if isinstance(device, str) else device
-    store = store or Store()
+    task, ctx = resolve(task, store, device)
+    store, device = ctx.store, ctx.device
     dataset = dataset or load_dataset(task.dataset)
     if not 0 <= test_position < dataset.n_test:
         raise UserError(f"test position must be in [0, {dataset.n_test - 1}], got {test_position}")

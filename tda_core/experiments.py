@@ -1,4 +1,4 @@
-"""Experiments: one setting's LDS with its costs (`run`), grids of settings (`sweep`), the Pareto frontier.
+"""Experiments: one setting's LDS with its costs (`run`) and grids of settings (`sweep`) into the results table.
 
 Damping protocol: when `MethodSpec.damping` is None (and the method is damped), c is chosen from
 `DAMPING_GRID` by LDS on a validation split of the test set (`VALIDATION_FRACTION` of the test
@@ -16,25 +16,28 @@ import pandas as pd
 import torch
 
 from . import attribution
+from .comparison import DEFAULT_RESAMPLES, PairedComparison, paired_bootstrap
+from .context import resolve
 from .costs import Costs
 from .data import load_dataset
-from .device import resolve_device
-from .ensembles import base_seeds
+from .ensembles import base_seeds, check_setting
 from .errors import UserError, unknown_choice
-from .evaluation import GroundTruth, ground_truth, lds_against, missing_models
-from .methods import DAMPED
+from .evaluation import (Ceiling, GroundTruth, ground_truth, ground_truth_ceiling, lds_against, lds_of_examples,
+                         missing_models)
 from .progress import Progress, report
-from .specs import EnsembleSpec, EvalSpec, MethodSpec, TaskSpec
+from .results import RESULTS_TABLE, results_for, setting_label
+from .settings import describe
+from .specs import EnsembleSpec, EvalSpec, MethodSpec, TaskSpec, method_record
 from .store import Store, spec_key
-from .tasks import get_task
 
 DAMPING_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 VALIDATION_FRACTION = 0.2
-RESULTS_TABLE = "results"
-COST_COLUMNS = ("train_s", "serve_s", "space_bytes", "n_trained", "n_members")
+LDS_KIND = "lds"  # per-example LDS of a results row, by setting key
+REPLICATE_SEED_STRIDE = 1000  # replicate r trains base models from ensemble seed + 1000 r
 ROW_COLUMNS = ("task", "method", "proj", "proj_dim", "ensemble", "I", "D", "L", "P", "shared_projection", "lds",
-               "lds_sem", "damping", "damping_tuned", "lds_validation", "n_eval", "train_s", "serve_s", "space_bytes",
-               "n_trained", "n_members", "device", "M", "alpha", "runs", "setting_key")
+               "lds_sem", "lds_rep_se", "replicates", "damping", "damping_tuned", "lds_validation", "n_eval",
+               "train_s", "serve_s", "space_bytes", "n_trained", "n_members", "device", "M", "alpha", "runs",
+               "reliability", "ceiling", "proj_dtype", "setting_key")
 
 
 # --- the validation split -----------------------------------------------------------------------
@@ -52,22 +55,34 @@ def validation_split(n_test: int, seed: int, fraction: float = VALIDATION_FRACTI
 # --- one setting ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Result:
-    """One setting's scores, LDS (on the evaluation split), costs and provenance."""
+    """One setting's scores, LDS (on the evaluation split) over its seed replicates, costs and provenance.
+
+    Per-example LDS are kept per replicate (`per_example`: [replicates, evaluation examples], `validation`:
+    the same on the validation split) so two settings can be compared pairwise (tda_core/comparison.py).
+    """
 
     task: str
     method: MethodSpec
     ensemble: EnsembleSpec
     eval: EvalSpec
-    scores: torch.Tensor  # [n_train, n_test] at the damping used, every test position
-    lds: float
-    lds_sem: float
+    scores: torch.Tensor  # replicate 0's [n_train, n_test] at the damping used, every test position
+    lds: float  # mean over replicates and evaluation examples
+    lds_sem: float  # standard error over evaluation examples of the replicate-averaged per-example LDS
+    lds_rep_se: float  # standard error across replicates of their mean LDS (NaN with one replicate)
     n_eval: int
-    damping: float | None
+    damping: float | None  # replicate 0's
     damping_tuned: bool
-    validation_lds: dict[float, float]  # c -> LDS on the validation split (empty when not tuned)
-    costs: Costs
+    validation_lds: dict[float, float]  # c -> LDS on the validation split, replicate 0 (empty when not tuned)
+    costs: Costs  # per replicate, averaged over replicates
     provenance: dict
     setting_key: str
+    per_example: np.ndarray
+    validation: np.ndarray
+    ceiling: Ceiling
+
+    @property
+    def replicates(self) -> int:
+        return len(self.per_example)
 
     def row(self) -> dict:
         """The flat results-table row (columns `ROW_COLUMNS`)."""
@@ -75,12 +90,14 @@ class Result:
         return {"task": self.task, "method": self.method.name, "proj": self.method.proj,
                 "proj_dim": self.method.proj_dim, "ensemble": e.kind,
                 "I": e.I, "D": e.D, "L": e.L, "P": e.P, "shared_projection": e.shared_projection,
-                "lds": self.lds, "lds_sem": self.lds_sem, "damping": self.damping,
-                "damping_tuned": self.damping_tuned,
-                "lds_validation": self.validation_lds.get(self.damping) if self.damping_tuned else None,
+                "lds": self.lds, "lds_sem": self.lds_sem, "lds_rep_se": self.lds_rep_se,
+                "replicates": self.replicates, "damping": self.damping, "damping_tuned": self.damping_tuned,
+                "lds_validation": float(np.nanmean(self.validation)),
                 "n_eval": self.n_eval, "train_s": c.train_s, "serve_s": c.serve_s, "space_bytes": c.space_bytes,
                 "n_trained": c.n_trained, "n_members": c.n_members, "device": c.device, "M": self.eval.M,
-                "alpha": self.eval.alpha, "runs": self.eval.runs, "setting_key": self.setting_key}
+                "alpha": self.eval.alpha, "runs": self.eval.runs, "reliability": self.ceiling.mean_reliability,
+                "ceiling": self.ceiling.ceiling, "proj_dtype": self.method.proj_dtype,
+                "setting_key": self.setting_key}
 
 
 def versions() -> dict[str, str]:
@@ -93,49 +110,142 @@ def versions() -> dict[str, str]:
 
 def tunes_damping(method: MethodSpec) -> bool:
     """True when c is to be chosen on the validation split."""
-    return method.name in DAMPED and method.damping is None
+    return method_record(method.name).damped and method.damping is None
 
 
 def setting_key(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, eval_spec: EvalSpec,
                 device: torch.device, dampings: Sequence[float] = DAMPING_GRID,
-                fraction: float = VALIDATION_FRACTION) -> str:
+                fraction: float = VALIDATION_FRACTION, replicates: int = 1) -> str:
     """Identity of one results-table row (what makes a sweep resumable)."""
     protocol = {"grid": list(dampings), "fraction": fraction} if tunes_damping(method) else {"fraction": fraction}
+    if replicates > 1:  # keys of single-replicate rows stay as they were
+        protocol["replicates"] = replicates
     return spec_key({"task": task, "method": method, "ensemble": ensemble, "eval": eval_spec,
                      "device": device.type, "protocol": protocol, **attribution.scheme_identity(method)})
 
 
+def replicate_specs(method: MethodSpec, ensemble: EnsembleSpec, r: int) -> tuple[MethodSpec, EnsembleSpec]:
+    """Replicate r of a setting: its own base models (seeds from ensemble seed + 1000 r), so its own masks and
+    adapters, and its own projections and sampled labels (method seed + r). Replicate 0 is the setting itself."""
+    if r == 0:
+        return method, ensemble
+    return (dataclasses.replace(method, seed=method.seed + r),
+            dataclasses.replace(ensemble, seed=ensemble.seed + REPLICATE_SEED_STRIDE * r))
+
+
+def _mean_costs(costs: list[Costs]) -> Costs:
+    """Per-replicate costs averaged (what one replicate of the setting costs)."""
+    first = costs[0]
+    keys = {k for c in costs for k in c.breakdown}
+    return dataclasses.replace(
+        first, train_s=float(np.mean([c.train_s for c in costs])), serve_s=float(np.mean([c.serve_s for c in costs])),
+        space_bytes=int(np.mean([c.space_bytes for c in costs])),
+        serve_now_s=float(np.mean([c.serve_now_s for c in costs])), from_store=all(c.from_store for c in costs),
+        breakdown={k: float(np.mean([c.breakdown.get(k, 0.0) for c in costs])) for k in sorted(keys)})
+
+
 def run(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, eval_spec: EvalSpec = EvalSpec(), *,
         store: Store | None = None, device: str = "auto", dampings: Sequence[float] = DAMPING_GRID,
-        validation_fraction: float = VALIDATION_FRACTION, truth: GroundTruth | None = None,
+        validation_fraction: float = VALIDATION_FRACTION, truth: GroundTruth | None = None, replicates: int = 1,
         progress: Progress | None = None) -> Result:
-    """Attribute with one setting and score it by LDS; every stored artifact is reused."""
-    task = get_task(task) if isinstance(task, str) else task
-    store = store or Store()
-    dev = resolve_device(device)
+    """Attribute with one setting (`replicates` times, each with its own seeds) and score it by LDS on the
+    evaluation split (damping tuned per replicate on the validation split); every stored artifact is reused."""
+    task, ctx = resolve(task, store, device, progress)
+    store, dev = ctx.store, ctx.device
+    if not isinstance(replicates, int) or replicates < 1 or replicates > 100:
+        raise UserError(f"replicates must be an integer in 1..100, got {replicates!r}")
+    check_setting(task, method, ensemble)  # refuse before any work
     truth = truth or ground_truth(task, eval_spec, store=store, device=dev, progress=progress)
     val, rest = validation_split(truth.values.shape[1], eval_spec.seed, validation_fraction)
     tuned = tunes_damping(method)
-    att = attribution.attribute(task, method, ensemble, store=store, device=device,
-                                dampings=list(dampings) if tuned else None, progress=progress)
-    validation: dict[float, float] = {}
-    damping = att.damping
-    scores = att.scores
-    if tuned:
-        validation = {c: lds_against(s[:, val], truth, val).mean for c, s in sorted(att.scores_by_damping.items())}
-        damping = max(validation, key=lambda c: (np.nan_to_num(validation[c], nan=-np.inf), -c))
-        scores = att.scores_by_damping[damping]
-    result = lds_against(scores[:, rest], truth, rest)
-    provenance = {"versions": versions(), "device": att.costs.device,
-                  "seeds": {"base_models": base_seeds(ensemble), "ensemble": ensemble.seed, "projection": method.seed,
-                            "eval": eval_spec.seed},
+    atts, chosen, per_example, per_validation, validation = [], [], [], [], {}
+    for r in range(replicates):
+        m_r, e_r = replicate_specs(method, ensemble, r)
+        att = attribution.attribute(task, m_r, e_r, store=store, device=dev,
+                                    dampings=list(dampings) if tuned else None, progress=progress)
+        damping, scores = att.damping, att.scores
+        if tuned:
+            on_val = {c: lds_against(s[:, val], truth, val).mean for c, s in sorted(att.scores_by_damping.items())}
+            damping = max(on_val, key=lambda c: (np.nan_to_num(on_val[c], nan=-np.inf), -c))
+            scores = att.scores_by_damping[damping]
+            validation = validation or on_val
+        atts.append((att, scores))
+        chosen.append(damping)
+        per_example.append(lds_against(scores[:, rest], truth, rest).per_example)
+        per_validation.append(lds_against(scores[:, val], truth, val).per_example)
+    per_example, per_validation = np.stack(per_example), np.stack(per_validation)
+    averaged = lds_of_examples(np.nanmean(per_example, axis=0))
+    replicate_means = np.nanmean(per_example, axis=1)
+    rep_se = float(replicate_means.std(ddof=1) / np.sqrt(replicates)) if replicates > 1 else float("nan")
+    key = setting_key(task, method, ensemble, eval_spec, dev, dampings, validation_fraction, replicates)
+    ceiling = ground_truth_ceiling(truth, rest)
+    first = atts[0][0]
+    provenance = {"versions": versions(), "device": first.costs.device,
+                  "seeds": {"base_models": [base_seeds(replicate_specs(method, ensemble, r)[1])
+                                            for r in range(replicates)],
+                            "ensemble": ensemble.seed, "projection": method.seed, "eval": eval_spec.seed,
+                            "replicate_seed_stride": REPLICATE_SEED_STRIDE},
                   "data": load_dataset(task.dataset).source,
-                  "damping": damping, "damping_tuned": tuned, "validation_positions": len(val),
-                  "ground_truth": truth.key, "attribution": att.key, "members": att.members,
-                  "costs_from_store": att.costs.from_store}
-    return Result(task.name, method, ensemble, eval_spec, scores, result.mean, result.sem, result.n, damping, tuned,
-                  validation, att.costs, provenance,
-                  setting_key(task, method, ensemble, eval_spec, dev, dampings, validation_fraction))
+                  "damping": chosen, "damping_tuned": tuned, "validation_positions": len(val),
+                  "replicate_lds": replicate_means.tolist(),
+                  "ground_truth": truth.key, "attribution": [a.key for a, _ in atts], "members": first.members,
+                  "costs_from_store": all(a.costs.from_store for a, _ in atts)}
+    result = Result(task.name, method, ensemble, eval_spec, atts[0][1], averaged.mean, averaged.sem, rep_se,
+                    averaged.n, chosen[0], tuned, validation, _mean_costs([a.costs for a, _ in atts]), provenance,
+                    key, per_example, per_validation, ceiling)
+    store.save(LDS_KIND, key, {"evaluation": torch.from_numpy(per_example), "validation": torch.from_numpy(per_validation),
+                               "evaluation_positions": torch.from_numpy(rest), "validation_positions": torch.from_numpy(val)},
+               {"ground_truth": truth.key, "row": result.row()})
+    return result
+
+
+# --- paired comparisons ---------------------------------------------------------------------------
+SPLITS = ("evaluation", "validation")
+
+
+def compare_results(a: Result, b: Result, *, split: str = "evaluation", resamples: int = DEFAULT_RESAMPLES,
+                    seed: int = 0) -> PairedComparison:
+    """A - B of two results on the same ground truth and split (per-example LDS paired, replicates resampled)."""
+    if split not in SPLITS:
+        raise unknown_choice("split", split, SPLITS)
+    if a.provenance["ground_truth"] != b.provenance["ground_truth"]:
+        raise UserError("the two settings were scored against different ground truths; compare them on one")
+    pick = (lambda r: r.per_example) if split == "evaluation" else (lambda r: r.validation)
+    return paired_bootstrap(pick(a), pick(b), resamples=resamples, seed=seed,
+                            labels=(describe(a.method, a.ensemble), describe(b.method, b.ensemble)))
+
+
+def compare(task: str | TaskSpec, setting_a: tuple[MethodSpec, EnsembleSpec], setting_b: tuple[MethodSpec, EnsembleSpec],
+            eval_spec: EvalSpec = EvalSpec(), *, replicates: int = 1, split: str = "evaluation",
+            resamples: int = DEFAULT_RESAMPLES, seed: int = 0, store: Store | None = None, device: str = "auto",
+            progress: Progress | None = None) -> PairedComparison:
+    """Run two settings (method, ensemble) against one ground truth and compare their LDS pairwise."""
+    task, ctx = resolve(task, store, device, progress)
+    for method, ensemble in (setting_a, setting_b):
+        check_setting(task, method, ensemble)
+    truth = ground_truth(task, eval_spec, store=ctx.store, device=ctx.device, progress=progress)
+    a, b = (run(task, m, e, eval_spec, store=ctx.store, device=ctx.device, truth=truth, replicates=replicates,
+                progress=progress) for m, e in (setting_a, setting_b))
+    return compare_results(a, b, split=split, resamples=resamples, seed=seed)
+
+
+def compare_stored(store: Store, key_a: str, key_b: str, *, split: str = "evaluation",
+                   resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> PairedComparison:
+    """Compare two rows of the results table by setting key, from their stored per-example LDS."""
+    if split not in SPLITS:
+        raise unknown_choice("split", split, SPLITS)
+    found = [store.load(LDS_KIND, key) for key in (key_a, key_b)]
+    missing = [key for key, art in zip((key_a, key_b), found) if art is None]
+    if missing:
+        raise UserError(f"no per-example LDS stored for setting {', '.join(missing)}; run it again (`python -m "
+                        "tda_core run ...`) to store it")
+    a, b = found
+    if a.meta["ground_truth"] != b.meta["ground_truth"] or not torch.equal(a.tensors[f"{split}_positions"],
+                                                                           b.tensors[f"{split}_positions"]):
+        raise UserError("the two settings were scored against different ground truths or test splits")
+    label = lambda art: setting_label(art.meta["row"])  # noqa: E731
+    return paired_bootstrap(a.tensors[split].numpy(), b.tensors[split].numpy(), resamples=resamples, seed=seed,
+                            labels=(label(a), label(b)))
 
 
 # --- grids ----------------------------------------------------------------------------------------
@@ -157,7 +267,18 @@ def _small_grid() -> list[EnsembleSpec]:
             EnsembleSpec("proj-seeds", I=1, P=2), EnsembleSpec("lora", I=1, L=2, lora_epochs=1)]
 
 
-GRIDS = {"paper": _paper_grid, "small": _small_grid}
+def _readme_grid() -> list[EnsembleSpec]:
+    """The settings the README's results table quotes (run with seed replicates)."""
+    out = [EnsembleSpec("naive", I=i) for i in (1, 2, 5, 10)]
+    out += [EnsembleSpec("dropout", I=i, D=d) for i in (1, 2) for d in (5, 10)]
+    out += [EnsembleSpec("dropout-forward", I=2, D=d) for d in (5, 10)]
+    out += [EnsembleSpec("lora", I=i, L=5) for i in (1, 2)]
+    out += [EnsembleSpec("proj-seeds", I=i, P=p) for i in (1, 2) for p in (5, 10)]
+    out += [EnsembleSpec("dropout", I=1, D=10, shared_projection=True)]
+    return out
+
+
+GRIDS = {"paper": _paper_grid, "readme": _readme_grid, "small": _small_grid}
 
 
 def grid_settings(name: str) -> list[EnsembleSpec]:
@@ -195,25 +316,42 @@ class SweepPlan:
 
 
 def sweep_settings(methods: Sequence[str], grid: str, projections: Sequence[str] = ("kron",),
-                   damping: float | None = None, proj_dim: int = 2048) -> list[tuple[MethodSpec, EnsembleSpec]]:
-    """(method, ensemble) pairs of a sweep: every projection x method x grid setting."""
+                   damping: float | None = None, proj_dim: int = 2048,
+                   template: MethodSpec | None = None) -> list[tuple[MethodSpec, EnsembleSpec]]:
+    """(method, ensemble) pairs of a sweep: every projection x method x grid setting. `template` carries the
+    other method options (projection dtype, dense kind, seed); damping of damped methods: fixed or tuned."""
+    template = template or MethodSpec(proj_dim=proj_dim)
     pairs = []
     for proj in projections:
         for name in methods:
-            method = MethodSpec(name=name, proj=proj, proj_dim=proj_dim, damping=damping if name in DAMPED else None)
+            method = dataclasses.replace(template, name=name, proj=proj,
+                                         damping=damping if method_record(name).damped else None)
             pairs += [(method, ens) for ens in grid_settings(grid)]
     return pairs
 
 
+def applicable(task: TaskSpec, pairs: Sequence[tuple[MethodSpec, EnsembleSpec]]) -> list[tuple[MethodSpec, EnsembleSpec]]:
+    """The pairs whose ensemble kind can serve the task and method (e.g. no forward-only Dropout for Grad-Dot)."""
+    kept = []
+    for method, ensemble in pairs:
+        try:
+            check_setting(task, method, ensemble)
+        except UserError:
+            continue
+        kept.append((method, ensemble))
+    return kept
+
+
 def plan_sweep(task: str | TaskSpec, pairs: Sequence[tuple[MethodSpec, EnsembleSpec]],
                eval_spec: EvalSpec = EvalSpec(), *, store: Store | None = None, device: str = "auto",
-               table: str = RESULTS_TABLE) -> SweepPlan:
-    """Count the work of a sweep: pending settings, models to train, member passes, whether each fits."""
-    task = get_task(task) if isinstance(task, str) else task
-    store = store or Store()
-    dev = resolve_device(device)
+               table: str = RESULTS_TABLE, replicates: int = 1) -> SweepPlan:
+    """Count the work of a sweep: pending settings, models to train, member passes, whether each fits.
+    Settings the task or method cannot run (see `applicable`) are left out."""
+    task, ctx = resolve(task, store, device)
+    store, dev = ctx.store, ctx.device
     dataset = load_dataset(task.dataset)
-    settings = [(m, e, setting_key(task, m, e, eval_spec, dev)) for m, e in pairs]
+    settings = [(m, e, setting_key(task, m, e, eval_spec, dev, replicates=replicates))
+                for m, e in applicable(task, pairs)]
     existing = store.read_table(table)
     done = set(existing["setting_key"]) if "setting_key" in existing else set()
     gt_missing = missing_models(task, eval_spec, store=store, device=dev, dataset=dataset)
@@ -222,115 +360,36 @@ def plan_sweep(task: str | TaskSpec, pairs: Sequence[tuple[MethodSpec, EnsembleS
     for method, ens, key in settings:
         if key in done:
             continue
-        wp = attribution.plan(task, method, ens, store, device=dev, dampings=DAMPING_GRID, dataset=dataset)
-        to_train.update(wp.models_to_train)
-        passes += len(wp.members)
-        if not wp.fits and wp.message not in problems:
-            problems.append(wp.message)
+        for r in range(replicates):
+            m_r, e_r = replicate_specs(method, ens, r)
+            wp = attribution.plan(task, m_r, e_r, store, device=dev, dampings=DAMPING_GRID, dataset=dataset)
+            to_train.update(wp.models_to_train)
+            passes += len(wp.members)
+            if not wp.fits and wp.message not in problems:
+                problems.append(wp.message)
     return SweepPlan(task, eval_spec, settings, done, gt_missing, len(to_train), passes, not problems,
                      "; ".join(problems))
 
 
 def sweep(task: str | TaskSpec, methods: Sequence[str], grid: str = "paper", *,
           projections: Sequence[str] = ("kron",), eval_spec: EvalSpec = EvalSpec(), damping: float | None = None,
-          store: Store | None = None, device: str = "auto", table: str = RESULTS_TABLE,
-          progress: Progress | None = None) -> pd.DataFrame:
+          template: MethodSpec | None = None, replicates: int = 1, store: Store | None = None, device: str = "auto",
+          table: str = RESULTS_TABLE, progress: Progress | None = None) -> pd.DataFrame:
     """Run every setting of a grid not yet in the results table, appending one row per setting as it finishes.
 
     Returns the rows of all the grid's settings (new and earlier), in grid order.
     """
-    task = get_task(task) if isinstance(task, str) else task
-    store = store or Store()
-    pairs = sweep_settings(methods, grid, projections, damping)
-    sp = plan_sweep(task, pairs, eval_spec, store=store, device=device, table=table)
+    task, ctx = resolve(task, store, device, progress)
+    store, device = ctx.store, ctx.device
+    pairs = sweep_settings(methods, grid, projections, damping, template=template)
+    sp = plan_sweep(task, pairs, eval_spec, store=store, device=device, table=table, replicates=replicates)
     if not sp.fits:
         raise UserError(sp.message)
     pending = sp.pending
     truth = ground_truth(task, eval_spec, store=store, device=device, progress=progress) if pending else None
     for n, (method, ens, _) in enumerate(pending):
-        result = run(task, method, ens, eval_spec, store=store, device=device, truth=truth, progress=progress)
+        result = run(task, method, ens, eval_spec, store=store, device=device, truth=truth, replicates=replicates,
+                     progress=progress)
         store.append_rows(table, [result.row()])
         report(progress, n + 1, len(pending), "settings")
     return results_for(store.read_table(table), [key for _, _, key in sp.settings])
-
-
-def results_for(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Rows of `frame` for the given setting keys, in that order (the last row of a key wins)."""
-    if frame.empty:
-        return frame
-    last = frame.drop_duplicates("setting_key", keep="last").set_index("setting_key")
-    present = [k for k in keys if k in last.index]
-    return last.loc[present].reset_index()[list(frame.columns)]
-
-
-# --- the Pareto frontier --------------------------------------------------------------------------
-def pareto(df: pd.DataFrame, cost_col: str, score_col: str = "lds") -> pd.DataFrame:
-    """Rows not dominated in (lower `cost_col`, higher `score_col`), sorted by cost.
-
-    A row is dominated when another costs no more and scores at least as high, one of them strictly.
-    """
-    if cost_col not in df.columns:
-        raise unknown_choice("cost column", cost_col, [c for c in df.columns if c in COST_COLUMNS] or COST_COLUMNS)
-    ordered = df.dropna(subset=[cost_col, score_col]).sort_values([cost_col, score_col], ascending=[True, False])
-    keep, best = [], -np.inf
-    for idx, score in zip(ordered.index, ordered[score_col]):
-        if score > best:
-            keep.append(idx)
-            best = score
-    return ordered.loc[keep]
-
-
-# --- the LDS-vs-cost figure -----------------------------------------------------------------------
-COST_LABELS = {"train_s": "training seconds", "serve_s": "serving seconds", "space_bytes": "space (bytes)",
-               "n_trained": "independently trained models", "n_members": "members"}
-SERIES_COLORS = {"naive": "#4C78A8", "dropout": "#E45756", "dropout (shared proj.)": "#FF9DA6",
-                 "dropout-forward": "#F58518", "lora": "#54A24B", "lora (shared proj.)": "#88D27A",
-                 "proj-seeds": "#9D9D9D"}
-
-
-def series_label(row: pd.Series) -> str:
-    """The series a row belongs to: ensemble kind, marked when its members share a projection."""
-    shared = str(row.get("shared_projection")).lower() == "true"
-    return f"{row['ensemble']} (shared proj.)" if shared and row["ensemble"] in ("dropout", "lora") else row["ensemble"]
-
-
-def sweep_figure(df: pd.DataFrame, x: str = "train_s", log_x: bool = True):  # noqa: ANN201 - a plotly Figure
-    """LDS (with standard error) against a cost column: one panel per (method, projection), one line per
-    ensemble series through its settings in cost order, the Pareto frontier of each panel dotted."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    if x not in COST_LABELS:
-        raise unknown_choice("x axis", x, list(COST_LABELS))
-    df = df.assign(series=df.apply(series_label, axis=1))
-    methods, projs = sorted(df["method"].unique()), sorted(df["proj"].unique())
-    fig = make_subplots(rows=len(methods), cols=len(projs), shared_yaxes=True, shared_xaxes=False,
-                        subplot_titles=[f"{m} · {p} projection" for m in methods for p in projs],
-                        vertical_spacing=0.12, horizontal_spacing=0.06)
-    shown: set[str] = set()
-    for r, method in enumerate(methods, 1):
-        for c, proj in enumerate(projs, 1):
-            panel = df[(df["method"] == method) & (df["proj"] == proj)]
-            for series, part in panel.groupby("series", sort=False):
-                part = part.sort_values(x)
-                label = [f"I={i}" + (f" D={d}" if s.startswith("dropout") else f" L={l}" if s.startswith("lora")
-                                     else f" P={p}" if s == "proj-seeds" else "")
-                         for i, d, l, p, s in zip(part["I"], part["D"], part["L"], part["P"], part["series"])]
-                fig.add_trace(go.Scatter(x=part[x], y=part["lds"], error_y=dict(array=part["lds_sem"], width=2),
-                                         mode="lines+markers", name=series, legendgroup=series,
-                                         showlegend=series not in shown, text=label,
-                                         hovertemplate="%{text}<br>LDS %{y:.3f}<br>" + x + " %{x:.3g}",
-                                         line=dict(color=SERIES_COLORS.get(series, "#333"), width=1.5,
-                                                   dash="dash" if series == "proj-seeds" else "solid")),
-                              row=r, col=c)
-                shown.add(series)
-            front = pareto(panel, x)
-            fig.add_trace(go.Scatter(x=front[x], y=front["lds"], mode="lines", line=dict(color="black", dash="dot",
-                                     shape="hv", width=1), name="Pareto frontier", legendgroup="pareto",
-                                     showlegend="pareto" not in shown, hoverinfo="skip"), row=r, col=c)
-            shown.add("pareto")
-            fig.update_xaxes(title_text=COST_LABELS[x], type="log" if log_x else "linear", row=r, col=c)
-        fig.update_yaxes(title_text="LDS", row=r, col=1)
-    fig.update_layout(height=380 * len(methods) + 80, width=560 * len(projs) + 200, template="plotly_white",
-                      title=f"LDS against {COST_LABELS[x]} ({', '.join(sorted(df['task'].unique()))})")
-    return fig

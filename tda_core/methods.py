@@ -19,21 +19,26 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .features import Features, GradientSource
 from .objectives import per_example_loss
+from .registry import Registry
 from .specs import MethodSpec
 
-DAMPED = ("trak", "if")
+
+
+def weight_of(p: torch.Tensor) -> torch.Tensor:
+    """w with grad loss = -w * grad target: 1 - p (classification) or 1 (sequences, p is NaN)."""
+    return torch.where(torch.isnan(p), torch.ones_like(p), 1.0 - p)
 
 
 def loss_weight(features: Features) -> torch.Tensor:
-    """w with grad loss = -w * grad target: 1 - p (classification) or 1 (sequences, p is NaN)."""
-    return torch.where(torch.isnan(features.p), torch.ones_like(features.p), 1.0 - features.p)
+    """`weight_of` the features' p."""
+    return weight_of(features.p)
 
 
 def _cholesky_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -48,26 +53,30 @@ def _cholesky_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (evecs @ (inv[:, None] * (evecs.T @ b.double()))).to(b.dtype)
 
 
-def kernel_scores(phi: torch.Tensor, phi_test: torch.Tensor, dampings: Sequence[float]) -> dict[float, torch.Tensor]:
+def kernel_scores(phi: torch.Tensor, phi_test: torch.Tensor, dampings: Sequence[float],
+                  form: str = "auto") -> dict[float, torch.Tensor]:
     """For each c: phi (phi^T phi + lambda I)^-1 phi_test^T, lambda = c trace(phi^T phi) / min(n, k).
 
-    Uses the k x k kernel when k <= n, else the n x n dual form (push-through identity).
+    `form` 'primal' solves with the k x k kernel, 'dual' with the n x n Gram matrix (push-through identity:
+    phi (phi^T phi + lam)^-1 = (phi phi^T + lam)^-1 phi); 'auto' takes the smaller one.
     """
     n, k = phi.shape
+    if form not in ("auto", "primal", "dual"):
+        raise ValueError(f"form must be auto, primal or dual, got {form!r}")
     trace = float((phi * phi).sum())
+    lam_of = {c: c * trace / min(n, k) for c in dampings}
     out = {}
-    if k <= n:
+    if form == "primal" or (form == "auto" and k <= n):
         gram = phi.T @ phi
         eye = torch.eye(k, dtype=phi.dtype, device=phi.device)
         for c in dampings:
-            lam = c * trace / k
-            out[c] = phi @ _cholesky_solve(gram + lam * eye, phi_test.T)
-    else:  # phi (phi^T phi + lam)^-1 = (phi phi^T + lam)^-1 phi
+            out[c] = phi @ _cholesky_solve(gram + lam_of[c] * eye, phi_test.T)
+    else:
         gram = phi @ phi.T
         cross = phi @ phi_test.T
         eye = torch.eye(n, dtype=phi.dtype, device=phi.device)
         for c in dampings:
-            out[c] = _cholesky_solve(gram + c * trace / n * eye, cross)
+            out[c] = _cholesky_solve(gram + lam_of[c] * eye, cross)
     return out
 
 
@@ -108,30 +117,6 @@ def fisher_scores(loss_rows: torch.Tensor, curvature_rows: torch.Tensor, phi_tes
     return out
 
 
-def member_scores(method: MethodSpec, train: Features, test: Features, dampings: Sequence[float],
-                  q: torch.Tensor | None = None, curvature: Features | None = None) -> MemberScores:
-    """Scores of one member. `q` overrides TRAK's Q (dropout-forward: 1 - mask-averaged p).
-    `curvature` (IF): features at labels sampled from the model, for the Fisher."""
-    t0 = time.perf_counter()
-    w = loss_weight(train)
-    phi, phi_test = train.phi, test.phi
-    if method.name == "trak":
-        by = kernel_scores(phi, phi_test, dampings)
-        q = w if q is None else q
-    elif method.name == "if":
-        if curvature is None:
-            raise ValueError("IF needs curvature features (loss gradients at sampled labels)")
-        by = fisher_scores(w[:, None] * phi, fisher_rows(curvature), phi_test, dampings)
-        q = None
-    elif method.name == "grad-dot":
-        by, q = {None: (w[:, None] * phi) @ phi_test.T}, None
-    else:  # grad-cos
-        unit = phi / phi.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        unit_test = phi_test / phi_test.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        by, q = {None: unit @ unit_test.T}, None
-    return MemberScores(by, q, time.perf_counter() - t0)
-
-
 class MemberAverage:
     """Running mean of member scores; TRAK's Q is averaged separately and applied at the end."""
 
@@ -156,11 +141,11 @@ class MemberAverage:
 def exact_if_scores(source: GradientSource, x_train: torch.Tensor, y_train: torch.Tensor,
                     train_grads: torch.Tensor, train_p: torch.Tensor, test_grads: torch.Tensor,
                     dampings: Sequence[float], fisher_trace: float, max_iter: int = 200, tol: float = 1e-6,
-                    curvature: str = "exact",
+                    hessian: str = "exact",
                     ) -> tuple[dict[float, torch.Tensor], dict[str, float]]:
     """IF with the exact curvature of the mean training loss over the differentiated parameters:
     `curvature` 'exact' (the Hessian) or 'gauss-newton' (J^T H_z J, H_z the loss's Hessian in the
-    logits: positive semi-definite, what the feature-space Fisher approximates).
+    logits: positive semi-definite, what the feature-space Fisher approximates), chosen by `hessian`.
 
     `train_grads` / `test_grads` are exact per-sample target gradients (projection 'none').
     Solves (H + lambda I) V = test_grads^T by batched conjugate gradient with Hessian-vector
@@ -173,12 +158,10 @@ def exact_if_scores(source: GradientSource, x_train: torch.Tensor, y_train: torc
     model = source.model
     names = source.param_names
     params = source.params()
-    fixed = {n: t.detach() for n, t in list(model.named_parameters()) + list(model.named_buffers())
-             if n not in names}
+    fixed = source.fixed_tensors()
     shapes = [params[n].shape for n in names]
     sizes = [params[n].numel() for n in names]
-    w = torch.where(torch.isnan(train_p), torch.ones_like(train_p), 1.0 - train_p)
-    loss_grads = -w[:, None] * train_grads
+    loss_grads = -weight_of(train_p)[:, None] * train_grads
 
     def logits_of(flat: torch.Tensor) -> torch.Tensor:
         p = {n: t.reshape(s) for n, t, s in zip(names, flat.split(sizes), shapes)}
@@ -188,7 +171,7 @@ def exact_if_scores(source: GradientSource, x_train: torch.Tensor, y_train: torc
         return per_example_loss(logits, y_train, source.sequence).mean()
 
     flat0 = torch.cat([params[n].reshape(-1) for n in names])
-    if curvature == "exact":
+    if hessian == "exact":
         grad_fn = grad(lambda flat: loss_of_logits(logits_of(flat)))
         hvp = vmap(lambda v: jvp(grad_fn, (flat0,), (v,))[1])  # rows of V -> rows of H V
     else:
@@ -213,9 +196,9 @@ def exact_if_scores(source: GradientSource, x_train: torch.Tensor, y_train: torc
         it = 0
         for it in range(1, max_iter + 1):
             hd = hvp(d) + lam * d
-            curvature = (d * hd).sum(1)
-            active &= curvature > 0  # a column meeting negative curvature keeps its last iterate
-            alpha = torch.where(active, rs / curvature.clamp_min(1e-30), torch.zeros_like(rs))
+            d_hd = (d * hd).sum(1)
+            active &= d_hd > 0  # a column meeting negative curvature keeps its last iterate
+            alpha = torch.where(active, rs / d_hd.clamp_min(1e-30), torch.zeros_like(rs))
             x += alpha[:, None] * d
             r -= alpha[:, None] * hd
             rs_new = (r * r).sum(1)
@@ -228,3 +211,115 @@ def exact_if_scores(source: GradientSource, x_train: torch.Tensor, y_train: torc
         info[f"cg_iters_c{c}"] = it
         info[f"cg_rel_residual_c{c}"] = float((rs_new.sqrt() / norm0).max())
     return out, info
+
+
+# --- the method registry ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ScoringInputs:
+    """What one member gives its method: features of both splits and, where a method needs them, more."""
+
+    train: Features
+    test: Features
+    curvature: Features | None = None  # features at labels sampled from the member (methods with curvature_draws)
+    q: torch.Tensor | None = None  # forward-only Q (dropout-forward) replacing the member's own 1 - p
+    source: GradientSource | None = None  # the training side's gradient source (references by CG)
+    x_train: torch.Tensor | None = None
+    y_train: torch.Tensor | None = None
+
+
+Scorer = Callable[[ScoringInputs, Sequence[float | None]], tuple[dict, torch.Tensor | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One TDA method: how it scores a member, and what the engine must prepare for it.
+
+    `score(inputs, dampings)` returns (scores per damping c — key None for undamped methods — , the member's
+    Q weights or None). `variants` are reference scorers chosen by `MethodSpec.hessian` (by CG on exact
+    gradients); `scheme` holds store-key entries for schemes that changed under the same spec.
+    """
+
+    name: str
+    label: str
+    score: Scorer
+    damped: bool = False  # takes a relative damping c (tuned on a validation split when not fixed)
+    uses_q: bool = False  # scores are weighted by Q = 1 - p averaged over members (TRAK)
+    curvature_draws: int = 0  # extra training-feature passes at labels sampled from the member (IF's Fisher)
+    variants: Mapping[str, Scorer] = dataclasses.field(default_factory=dict)
+    scheme: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+
+def _score_trak(inputs: ScoringInputs, dampings: Sequence[float | None]) -> tuple[dict, torch.Tensor | None]:
+    q = loss_weight(inputs.train) if inputs.q is None else inputs.q
+    return kernel_scores(inputs.train.phi, inputs.test.phi, dampings), q
+
+
+def _score_if(inputs: ScoringInputs, dampings: Sequence[float | None]) -> tuple[dict, torch.Tensor | None]:
+    if inputs.curvature is None:
+        raise ValueError("IF needs curvature features (loss gradients at sampled labels)")
+    w = loss_weight(inputs.train)
+    return fisher_scores(w[:, None] * inputs.train.phi, fisher_rows(inputs.curvature), inputs.test.phi,
+                         dampings), None
+
+
+def _if_by_cg(hessian: str) -> Scorer:
+    """IF with the full-parameter curvature `hessian` solved by CG; lambda from the Fisher path's trace."""
+
+    def score(inputs: ScoringInputs, dampings: Sequence[float | None]) -> tuple[dict, torch.Tensor | None]:
+        psi = fisher_rows(inputs.curvature)
+        by, _ = exact_if_scores(inputs.source, inputs.x_train, inputs.y_train, inputs.train.phi, inputs.train.p,
+                                inputs.test.phi, dampings, float((psi * psi).sum(1).mean()), hessian=hessian)
+        return by, None
+
+    return score
+
+
+def _score_grad_dot(inputs: ScoringInputs, dampings: Sequence[float | None]) -> tuple[dict, torch.Tensor | None]:
+    return {None: (loss_weight(inputs.train)[:, None] * inputs.train.phi) @ inputs.test.phi.T}, None
+
+
+def _score_grad_cos(inputs: ScoringInputs, dampings: Sequence[float | None]) -> tuple[dict, torch.Tensor | None]:
+    unit = inputs.train.phi / inputs.train.phi.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    unit_test = inputs.test.phi / inputs.test.phi.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return {None: unit @ unit_test.T}, None
+
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def register_method(method: Method) -> Method:
+    """Add a TDA method: the CLI, specs, planner, engine and app read it from here."""
+    return METHODS.register(method.name, method)
+
+
+register_method(Method("trak", "TRAK", _score_trak, damped=True, uses_q=True,
+                       description="phi_i (Phi^T Phi + lambda I)^-1 phi_t, times Q = 1 - p averaged over members"))
+register_method(Method("if", "Influence function", _score_if, damped=True, curvature_draws=1,
+                       variants={"gauss-newton": _if_by_cg("gauss-newton"), "exact": _if_by_cg("exact")},
+                       scheme={"if_curvature": "Fisher from sampled labels; lambda from its trace"},
+                       description="w_i phi_i (H + lambda I)^-1 phi_t, H the Fisher from labels sampled from the model"))
+register_method(Method("grad-dot", "Grad-Dot", _score_grad_dot, description="loss gradient . target gradient"))
+register_method(Method("grad-cos", "Grad-Cos", _score_grad_cos, description="cosine of the two gradients"))
+
+
+def hessians() -> tuple[str, ...]:
+    """Every value `MethodSpec.hessian` can take: the default 'fisher' and each method's reference variants."""
+    return ("fisher", *dict.fromkeys(v for _, m in METHODS.items() for v in m.variants))
+
+
+def scorer(method: MethodSpec) -> Scorer:
+    """The scoring function of a method spec (its variant when `hessian` names one)."""
+    record = METHODS.get(method.name)
+    return record.score if method.hessian == "fisher" else record.variants[method.hessian]
+
+
+def member_scores(method: MethodSpec, train: Features, test: Features, dampings: Sequence[float | None],
+                  q: torch.Tensor | None = None, curvature: Features | None = None,
+                  **more: torch.Tensor | GradientSource) -> MemberScores:
+    """Scores of one member by the method's scorer; `q` overrides TRAK's Q (dropout-forward: 1 - mask-averaged
+    p); `curvature`: features at labels sampled from the model (IF's Fisher); `more`: ScoringInputs' other fields."""
+    t0 = time.perf_counter()
+    by, q = scorer(method)(ScoringInputs(train, test, curvature, q, **more), dampings)
+    return MemberScores(by, q, time.perf_counter() - t0)
+

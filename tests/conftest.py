@@ -17,3 +17,18 @@ def _isolated_paths(tmp_path, monkeypatch):
 @pytest.fixture
 def store(tmp_path) -> Store:
     return Store(tmp_path / "store")
+
+
+@pytest.fixture
+def user_registries():
+    """Tasks, datasets and models registered by the test are gone after it (user-task tests)."""
+    from tda_core.data.base import REGISTRY
+    from tda_core.models import MODELS
+    from tda_core.tasks import TASKS
+    from tda_core.user_tasks import ORIGINS, _tasks_files
+
+    saved = [(registry, dict(registry)) for registry in (TASKS, REGISTRY, MODELS, ORIGINS, _tasks_files)]
+    yield
+    for registry, content in saved:
+        registry.clear()
+        registry.update(content)

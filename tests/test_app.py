@@ -16,8 +16,10 @@ from streamlit.testing.v1 import AppTest
 from tda_core import tasks
 from tda_core.attribution import attribute
 from tda_core.evaluation import ground_truth
-from tda_core.experiments import RESULTS_TABLE, run
+from tda_core.experiments import run
+from tda_core.results import RESULTS_TABLE
 from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec, Recipe
+from tda_core.tasks import get_task
 from tda_core.store import Store
 
 TRAK = MethodSpec("trak", proj="kron", proj_dim=2048)  # the app's default method
@@ -154,7 +156,8 @@ def test_build_shows_plan_costs_and_lds(app_store):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Models to train"] == "0" and metrics["Members"] == "2"
     assert metrics["Trained / members"] == "1 / 2"
-    assert float(metrics["LDS"].split(" ± ")[0]) > -1
+    want = run(get_task("digits-mlp"), TRAK, MAIN, EVAL, store=app_store, device="cpu")  # the same stored inputs
+    assert metrics["LDS"] == f"{want.lds:.3f} ± {want.lds_sem:.3f}"
     assert "in the results table" in texts(at.caption)
 
 
@@ -225,7 +228,7 @@ def test_top_k_and_reverse_follow_the_score_matrix():
     import numpy as np
 
     from tda_core.data import load_dataset
-    from tda_core.explore import reverse_top_k, top_k
+    from tda_core.score_analysis import reverse_top_k, top_k
 
     digits = load_dataset("digits")
     scores = np.random.default_rng(0).normal(size=(digits.n_train, digits.n_test))
@@ -241,7 +244,7 @@ def test_top_k_and_reverse_follow_the_score_matrix():
 def test_compare_counts_overlap_and_rank_correlation():
     import numpy as np
 
-    from tda_core.explore import compare, member_agreement
+    from tda_core.score_analysis import compare, member_agreement
 
     a = np.arange(20, dtype=float)[:, None] * np.ones((1, 3))
     same, reversed_ = compare(a, a * 2 + 1, 0, 5), compare(a, -a, 0, 5)
@@ -256,7 +259,7 @@ def test_compare_counts_overlap_and_rank_correlation():
 def test_hub_share_separates_shared_from_distinct_proponents():
     import numpy as np
 
-    from tda_core.explore import hub_share
+    from tda_core.score_analysis import hub_share
 
     shared = np.zeros((100, 10))
     shared[:3] = 1.0  # the same three examples top every column
@@ -267,7 +270,7 @@ def test_hub_share_separates_shared_from_distinct_proponents():
 
 
 def test_settings_from_urls_keep_only_valid_values():
-    from tda_core.ui_state import make_setting, values_from_query
+    from tda_core.settings import make_setting, values_from_query
 
     values = values_from_query({"task": "digits-mlp", "kind": "lora", "I": "2", "L": "99", "method": "nope"})
     assert values == {"task": "digits-mlp", "kind": "lora", "I": 2}

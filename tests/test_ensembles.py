@@ -8,7 +8,8 @@ import torch
 
 from tda_core.attribution import attribute
 from tda_core.data import load_dataset
-from tda_core.ensembles import ADAPTER_KIND, build_members
+from tda_core.ensembles import build_members
+from tda_core.lora import ADAPTER_KIND
 from tda_core.specs import EnsembleSpec, MethodSpec, Recipe
 from tda_core.store import Store
 from tda_core.tasks import get_task
@@ -127,8 +128,8 @@ def test_dropout_forward_mask_mean_gradient_is_the_mean_of_masked_gradients(shar
                              shared_store, torch.device("cpu"), POS))
     masked = list(build_members(TINY, EnsembleSpec("dropout", D=2), exact, bases, ds, shared_store,
                                 torch.device("cpu"), POS))
-    mean = compute_features(fwd.train_source, x, y, "none")
-    each = [compute_features(m.train_source, x, y, "none") for m in masked]
+    mean = compute_features(fwd.train_source, x, y)
+    each = [compute_features(m.train_source, x, y) for m in masked]
     assert torch.allclose(mean.phi, (each[0].phi + each[1].phi) / 2, atol=1e-6)
     assert torch.allclose(mean.p, (each[0].p + each[1].p) / 2, atol=1e-6)
     naive = _scores(shared_store, KRON, EnsembleSpec("naive"))

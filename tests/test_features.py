@@ -5,13 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from tda_core.features import (
-    DenseProjection,
-    GradientSource,
-    KronProjection,
-    all_param_names,
-    compute_features,
-)
+from tda_core.features import GradientSource, all_param_names, compute_features
+from tda_core.kron_layers import combine_gradient, combine_sketches
+from tda_core.projections import DenseProjection, KronProjection
 from tda_core.models import MLP
 from tda_core.objectives import IGNORE, correct_probability, target
 
@@ -71,7 +67,7 @@ def _cases():
 @pytest.mark.parametrize("name,model,x,y,sequence", _cases(), ids=lambda v: v if isinstance(v, str) else "")
 def test_exact_features_equal_autograd_loop(name, model, x, y, sequence):
     src = GradientSource(model, all_param_names(model), sequence)
-    feats = compute_features(src, x, y, "none", chunk=3)
+    feats = compute_features(src, x, y, chunk=3)
     assert torch.allclose(feats.phi, _loop_grads(model, x, y, sequence), atol=1e-5, rtol=1e-4)
     if sequence:
         assert torch.isnan(feats.p).all()
@@ -104,8 +100,8 @@ def test_kron_features_equal_exact_gradients_times_their_kronecker_matrix(name, 
     src = GradientSource(model, all_param_names(model), sequence)
     kron = KronProjection(src, 40, seed=0, device=torch.device("cpu"), probe=(x, y))
     assert kron.uncovered == 0
-    exact = compute_features(src, x, y, "none").phi
-    feats = compute_features(src, x, y, "kron", kron=kron, chunk=4).phi
+    exact = compute_features(src, x, y).phi
+    feats = compute_features(src, x, y, kron, chunk=4).phi
     assert feats.shape == (len(x), 40)
     assert torch.allclose(feats, exact @ _explicit_kron_matrix(model, kron), atol=1e-5, rtol=1e-4)
 
@@ -118,8 +114,8 @@ def test_kron_position_and_gradient_forms_agree():
     kron = KronProjection(src, 16, seed=0, device=torch.device("cpu"), probe=(torch.randn(1, 5), torch.zeros(1)))
     for la in kron.layers:  # d_out < d_in for the first layer, d_out > d_in for the second
         g, a = torch.randn(4, 6, la.d_out), torch.randn(4, 6, la.d_in)
-        by_positions = kron._combine(g @ la.u, a @ la.v)
-        by_gradient = kron._combine_gradient(la, torch.bmm(g.transpose(1, 2), a))
+        by_positions = combine_sketches(g @ la.u, a @ la.v)
+        by_gradient = combine_gradient(la, torch.bmm(g.transpose(1, 2), a))
         assert torch.allclose(by_positions, by_gradient, atol=1e-4, rtol=1e-4)
 
 
@@ -127,13 +123,13 @@ def test_kron_projection_preserves_inner_products_in_expectation():
     """Averaged over projection seeds, projected inner products approach the exact ones (unbiased JL)."""
     name, model, x, y, sequence = _cases()[2]
     src = GradientSource(model, all_param_names(model), sequence)
-    exact = compute_features(src, x, y, "none").phi
+    exact = compute_features(src, x, y).phi
     want = exact @ exact.T
     total = torch.zeros_like(want)
     seeds = 300
     for seed in range(seeds):
         kron = KronProjection(src, 24, seed=seed, device=torch.device("cpu"), probe=(x, y))
-        f = compute_features(src, x, y, "kron", kron=kron).phi
+        f = compute_features(src, x, y, kron).phi
         total += f @ f.T
     mean = total / seeds
     rel = (mean - want).norm() / want.norm()
@@ -163,13 +159,13 @@ def test_features_under_fixed_and_per_example_masks():
     masks = {"drop1": (torch.rand(9) > 0.5).float() * 2, "drop2": (torch.rand(7) > 0.5).float() * 2}
     fixed = GradientSource(model, names, False, masks)
     per_example = GradientSource(model, names, False, {k: v.expand(6, -1).clone() for k, v in masks.items()}, True)
-    a = compute_features(fixed, x, y, "none").phi
-    b = compute_features(per_example, x, y, "none", chunk=4).phi
+    a = compute_features(fixed, x, y).phi
+    b = compute_features(per_example, x, y, chunk=4).phi
     assert torch.allclose(a, b, atol=1e-6)
     kron = KronProjection(fixed, 32, 0, torch.device("cpu"), (x, y))
-    k = compute_features(per_example, x, y, "kron", kron=kron, chunk=4).phi
+    k = compute_features(per_example, x, y, kron, chunk=4).phi
     assert torch.allclose(k, a @ _explicit_kron_matrix(model, kron), atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(a, compute_features(GradientSource(model, names, False), x, y, "none").phi)
+    assert not torch.allclose(a, compute_features(GradientSource(model, names, False), x, y).phi)
 
 
 def test_bfloat16_dense_projection_is_the_same_matrix_rounded():

@@ -47,8 +47,8 @@ def small_setup():
 
 def test_grad_dot_and_grad_cos_equal_an_autograd_loop(small_setup):
     model, src, (x_tr, y_tr), (x_te, y_te) = small_setup
-    train = compute_features(src, x_tr, y_tr, "none")
-    test = compute_features(src, x_te, y_te, "none")
+    train = compute_features(src, x_tr, y_tr)
+    test = compute_features(src, x_te, y_te)
     loss_g = torch.stack([_grad(model, F.cross_entropy(model(x_tr[i:i + 1]), y_tr[i:i + 1])) for i in range(12)])
     tgt_g = torch.stack([_grad(model, target(model(x_te[j:j + 1]), y_te[j:j + 1], False).sum()) for j in range(5)])
     dot = member_scores(MethodSpec("grad-dot", "none"), train, test, [None]).by_damping[None]
@@ -79,7 +79,7 @@ def test_trak_without_projection_equals_closed_form_on_a_linear_model():
     lam = 0.5 * float(torch.trace(kernel)) / min(k, len(x_tr))  # k = 21 > n = 20: dual form
     want = (g_tr.double() @ torch.linalg.solve(kernel + lam * torch.eye(k, dtype=torch.float64), g_te.T.double()))
     want = (want * q[:, None].double()).float()
-    train, test = compute_features(src, x_tr, y_tr, "none"), compute_features(src, x_te, y_te, "none")
+    train, test = compute_features(src, x_tr, y_tr), compute_features(src, x_te, y_te)
     avg = MemberAverage()
     avg.add(member_scores(MethodSpec("trak", "none", damping=0.5), train, test, [0.5]))
     assert torch.allclose(avg.result()[0.5], want, atol=1e-4, rtol=1e-3)
@@ -87,20 +87,18 @@ def test_trak_without_projection_equals_closed_form_on_a_linear_model():
 
 def test_kernel_scores_primal_dual_and_float64_agree():
     g = torch.Generator().manual_seed(0)
-    phi, phi_t = torch.randn(40, 25, generator=g), torch.randn(7, 25, generator=g)
-    primal = kernel_scores(phi, phi_t, [0.1, 2.0])
-    dual = kernel_scores(phi[:, :], torch.cat([phi_t], 0), [0.1, 2.0])
-    wide, wide_t = torch.randn(15, 60, generator=g), torch.randn(7, 60, generator=g)
-    dual = kernel_scores(wide, wide_t, [0.3])[0.3]  # n < k: dual form
-    lam = 0.3 * float((wide * wide).sum()) / 15  # trace / min(n, k)
-    want = wide.double() @ torch.linalg.solve(wide.T.double() @ wide.double() + lam * torch.eye(60).double(),
-                                              wide_t.T.double())
-    assert torch.allclose(dual.double(), want, rtol=1e-3, atol=1e-4)
-    for c in (0.1, 2.0):
-        lam = c * float((phi * phi).sum()) / 25
-        ref = phi.double() @ torch.linalg.solve(phi.T.double() @ phi.double() + lam * torch.eye(25).double(),
-                                                phi_t.T.double())
-        assert float((primal[c].double() - ref).norm() / ref.norm()) < 1e-5
+    for n, k in ((40, 25), (15, 60)):  # k <= n (auto takes the primal form) and k > n (auto takes the dual)
+        phi, phi_t = torch.randn(n, k, generator=g), torch.randn(7, k, generator=g)
+        primal = kernel_scores(phi, phi_t, [0.1, 2.0], form="primal")
+        dual = kernel_scores(phi, phi_t, [0.1, 2.0], form="dual")
+        auto = kernel_scores(phi, phi_t, [0.1, 2.0])
+        for c in (0.1, 2.0):
+            lam = c * float((phi * phi).sum()) / min(n, k)
+            ref = phi.double() @ torch.linalg.solve(phi.T.double() @ phi.double() + lam * torch.eye(k).double(),
+                                                    phi_t.T.double())
+            for got in (primal[c], dual[c], auto[c]):
+                assert float((got.double() - ref).norm() / ref.norm()) < 1e-4
+            assert float((primal[c] - dual[c]).norm() / dual[c].norm()) < 1e-4
 
 
 @pytest.mark.parametrize("rows", [40, 12])  # k = 25 <= rows: k x k Cholesky; k > rows: Woodbury
@@ -129,7 +127,7 @@ def test_exact_baseline_equals_grad_dot_kernel_on_digits(digits_store):
     model = load_or_train(TINY_DIGITS, [0], store=digits_store, device="cpu")[0].model
     src = GradientSource(model, all_param_names(model), False)
     ds = load_dataset("digits")
-    phi = compute_features(src, ds.x_train, ds.y_train, "none").phi
+    phi = compute_features(src, ds.x_train, ds.y_train).phi
     lam = c * float((phi * phi).sum()) / min(phi.shape)
     assert torch.allclose(trak.scores * lam, dot.scores, rtol=1e-3, atol=1e-3 * float(dot.scores.abs().max()))
 
@@ -165,7 +163,7 @@ def test_gauss_newton_cg_matches_exact_hessian_at_moderate_damping(digits_store)
 
 def test_exact_if_solves_the_damped_hessian_system(small_setup):
     model, src, (x_tr, y_tr), (x_te, y_te) = small_setup
-    train, test = compute_features(src, x_tr, y_tr, "none"), compute_features(src, x_te, y_te, "none")
+    train, test = compute_features(src, x_tr, y_tr), compute_features(src, x_te, y_te)
     c = 10.0  # large enough for H + lambda I to be positive definite at this untrained model (asserted below)
     trace = float(((1 - train.p)[:, None] * train.phi).pow(2).sum(1).mean())
     scores, info = exact_if_scores(src, x_tr, y_tr, train.phi, train.p, test.phi, [c], trace, tol=1e-7, max_iter=500)
@@ -193,11 +191,11 @@ def test_exact_if_solves_the_damped_hessian_system(small_setup):
 def test_gauss_newton_if_solves_its_damped_system(small_setup):
     """CG with Gauss-Newton products equals a direct solve with J^T H_z J built from autograd Jacobians."""
     model, src, (x_tr, y_tr), (x_te, y_te) = small_setup
-    train, test = compute_features(src, x_tr, y_tr, "none"), compute_features(src, x_te, y_te, "none")
+    train, test = compute_features(src, x_tr, y_tr), compute_features(src, x_te, y_te)
     c = 0.1  # the Gauss-Newton matrix is positive semi-definite: small damping is fine
     trace = float(((1 - train.p)[:, None] * train.phi).pow(2).sum(1).mean())
     scores, info = exact_if_scores(src, x_tr, y_tr, train.phi, train.p, test.phi, [c], trace, tol=1e-8,
-                                   max_iter=500, curvature="gauss-newton")
+                                   max_iter=500, hessian="gauss-newton")
     params = {n: p.detach() for n, p in model.named_parameters()}
     flat = torch.cat([p.reshape(-1) for p in params.values()])
 
@@ -284,7 +282,7 @@ def test_peer_dattri_grad_dot_grad_cos_and_trak(digits_store):
     other_seed = attribute(TINY_DIGITS, MethodSpec("trak", "dense", proj_dim=k, seed=1), EnsembleSpec(),
                            store=digits_store, device="cpu", test_positions=pos)
     src = GradientSource(model, all_param_names(model), False)
-    phi = compute_features(src, ds.x_train[:300], ds.y_train[:300], "none").phi
+    phi = compute_features(src, ds.x_train[:300], ds.y_train[:300]).phi
     lam = float((phi * phi).sum()) * len(ds.x_train) / 300 / k  # our lambda at c = 1, from a sample of the trace
     peer = TRAKAttributor(_dattri_task(model, margin_fn, margin_fn), correct_probability_func=prob_fn,
                           projector_kwargs={"proj_dim": k, "device": "cpu"},

@@ -102,7 +102,10 @@ def test_fixed_masks_define_a_reproducible_member():
     assert torch.equal(outs[0][0], outs[1][0])
     assert torch.allclose(outs[0][0][2], outs[0][1], atol=1e-5)  # one mask for every example
     assert not torch.allclose(outs[0][0], outs[2][0])
-    assert torch.allclose(model(x), model(x))  # no masks in eval mode: deterministic
+    ones = {name: torch.ones(shape) for name, shape in shapes.items()}
+    with use_masks(model, ones):  # no masks in eval mode = every unit kept: the plain model, not a member
+        kept = model(x)
+    assert torch.allclose(model(x), kept, atol=1e-6) and not torch.allclose(model(x), outs[0][0])
 
 
 def test_per_sample_gradients_under_vmap_match_a_loop():

@@ -7,9 +7,11 @@ import logging
 import sys
 
 from ..errors import UserError
+from ..store import Store
+from ..user_tasks import load_user_tasks
 from .common import common_options
 
-COMMAND_MODULES = ("core", "attribution", "evaluation", "music")
+COMMAND_MODULES = ("core", "attribution", "evaluation", "music", "openness")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        load_user_tasks(args.tasks_file, Store(args.store))
         args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

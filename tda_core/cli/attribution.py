@@ -12,21 +12,10 @@ import torch
 from ..attribution import Attribution, attribute, plan
 from ..errors import UserError
 from ..progress import tqdm_progress
-from ..specs import (
-    ENSEMBLE_KINDS,
-    FORWARD_GRADIENTS,
-    HESSIANS,
-    LORA_GRADIENTS,
-    MASK_MODES,
-    METHODS,
-    PROJ_DTYPES,
-    PROJECTIONS,
-    EnsembleSpec,
-    MethodSpec,
-)
 from ..store import Store
 from ..tasks import get_task
 from .common import emit
+from .setting_options import add_setting_options, setting_from_args
 
 SCORE_FORMATS = (".npz", ".safetensors")
 
@@ -49,19 +38,9 @@ def save_scores(result: Attribution, path: str) -> Path:
     return out
 
 
-def _specs(args: argparse.Namespace) -> tuple[MethodSpec, EnsembleSpec]:
-    method = MethodSpec(name=args.method, proj=args.proj, proj_dim=args.proj_dim, damping=args.damping,
-                        seed=args.proj_seed, hessian=args.hessian, proj_dtype=args.proj_dtype)
-    ensemble = EnsembleSpec(kind=args.ensemble, I=args.I, D=args.D, L=args.L, P=args.P, dropout_p=args.dropout_p,
-                            masks=args.masks, lora_rank=args.lora_rank, lora_epochs=args.lora_epochs,
-                            lora_grad=args.lora_grad, shared_projection=args.shared_projection,
-                            forward_grad=args.forward_grad)
-    return method, ensemble
-
-
 def cmd_attribute(args: argparse.Namespace) -> None:
     task = get_task(args.task)
-    method, ensemble = _specs(args)
+    method, ensemble = setting_from_args(args)
     store = Store(args.store)
     if args.data_dir:  # the library reads the data folder from the environment
         os.environ["TDA_DATA_DIR"] = args.data_dir
@@ -98,33 +77,8 @@ def cmd_attribute(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("attribute", parents=[common], help="attribution scores of an ensemble, with costs")
     p.add_argument("--task", required=True, help="task name, e.g. mnist-mlp")
-    p.add_argument("--method", default="trak", choices=METHODS)
-    p.add_argument("--ensemble", default="naive", choices=ENSEMBLE_KINDS)
-    p.add_argument("--I", type=int, default=1, help="independently trained models")
-    p.add_argument("--D", type=int, default=1, help="dropout masks per model (dropout, dropout-forward)")
-    p.add_argument("--L", type=int, default=1, help="LoRA fine-tunes per model (lora)")
-    p.add_argument("--P", type=int, default=1, help="projection seeds per model (proj-seeds control)")
-    p.add_argument("--proj", default="dense", choices=PROJECTIONS, help="dense JL, Kronecker-structured JL or none")
-    p.add_argument("--proj-dim", type=int, default=2048, help="projection dimension k")
-    p.add_argument("--proj-dtype", default="bfloat16", choices=PROJ_DTYPES,
-                   help="dense projection arithmetic: bfloat16 inputs with float32 accumulation (default; fast on "
-                        "GPUs and AMX / AVX512-BF16 CPUs) or float32 (faster on CPUs without bfloat16 units)")
-    p.add_argument("--proj-seed", type=int, default=0, help="seed of the projections")
-    p.add_argument("--damping", type=float, default=1.0, help="relative damping c: lambda = c trace(K) / k")
-    p.add_argument("--hessian", default="fisher", choices=HESSIANS,
-                   help="IF curvature: fisher (feature space, labels sampled from the model), or by CG on the full "
-                        "parameters (--proj none, small models) gauss-newton or exact (the Hessian; indefinite at "
-                        "small damping)")
-    p.add_argument("--dropout-p", type=float, help="dropout rate of the members (default: the model's own)")
-    p.add_argument("--masks", default="fixed", choices=MASK_MODES, help="one mask per member or per example")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-epochs", type=int, default=3)
-    p.add_argument("--lora-grad", default="merged", choices=LORA_GRADIENTS,
-                   help="gradients over the merged weights or the adapter only")
-    p.add_argument("--forward-grad", default="plain", choices=FORWARD_GRADIENTS,
-                   help="dropout-forward features: plain gradient (default) or gradient of the mask-averaged target")
-    p.add_argument("--shared-projection", action="store_true",
-                   help="members of one base model share its projection (isolates the mask / adapter effect)")
+    add_setting_options(p, default_proj="dense", default_damping=1.0,
+                        damping_help="relative damping c: lambda = c trace(K) / k")
     p.add_argument("--n-test", type=int, help="score only the first N test examples")
     p.add_argument("--show", type=int, default=5, help="test examples whose top-5 training examples are printed")
     p.add_argument("--save-scores", metavar="PATH", help="write scores and source indices (.npz or .safetensors)")

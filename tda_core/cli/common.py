@@ -12,12 +12,13 @@ from ..errors import UserError
 
 
 def common_options() -> argparse.ArgumentParser:
-    """--store, --data-dir, --device and --json, accepted by every command."""
+    """--store, --data-dir, --device, --json and --tasks-file, accepted by every command."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--store", help="artifact store folder (default $TDA_STORE or ~/.cache/tda-explorer/store)")
     p.add_argument("--data-dir", help="data folder (default $TDA_DATA_DIR or ~/.cache/tda-explorer/data)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    p.add_argument("--tasks-file", help="a Python file registering your own tasks (default $TDA_TASKS_FILE)")
     return p
 
 

@@ -5,7 +5,7 @@ import argparse
 
 import numpy as np
 
-from ..data import REGISTRY, load_dataset
+from ..data import dataset_table, load_dataset
 from ..data.base import sample_indices
 from ..paths import data_dir
 from ..progress import tqdm_progress
@@ -19,16 +19,8 @@ def cmd_datasets(args: argparse.Namespace) -> None:
     root = data_dir(args.data_dir)
     if args.download:
         load_dataset(args.download, root, download=True)
-    rows = []
-    for name, info in sorted(REGISTRY.items()):
-        status = info.locate(root)
-        sizes = "-"
-        if status.status in ("found", "embedded"):
-            ds = load_dataset(name, root)
-            sizes = f"{ds.n_train}/{ds.n_test}"
-        rows.append({"name": name, "kind": info.kind, "train/test": sizes, "source": status.status,
-                     "where": status.where, "description": info.description})
-    emit(rows, args.json)
+    table = dataset_table(root, sizes=True).rename(columns={"dataset": "name", "status": "source"})
+    emit(table.to_dict("records"), args.json)
 
 
 def subsets_for(seeds: list[int], n_train: int, frac: float | None) -> list[np.ndarray | None]:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -14,22 +16,19 @@ from ..ensembles import base_seeds
 from ..errors import UserError
 from ..evaluation import DEFAULT_CHUNK, counterfactual, ground_truth, missing_models
 from .. import experiments
-from ..experiments import COST_LABELS, DAMPING_GRID, GRIDS
+from ..experiments import DAMPING_GRID, GRIDS
+from ..comparison import DEFAULT_RESAMPLES
+from ..report import make_report
+from ..results import COST_LABELS, RESULTS_TABLE, lds_cost_figure
+from ..settings import ENSEMBLE_KEYS, METHOD_KEYS, parse_setting
 from ..progress import tqdm_progress
-from ..specs import (
-    ENSEMBLE_KINDS,
-    FORWARD_GRADIENTS,
-    LORA_GRADIENTS,
-    MASK_MODES,
-    METHODS,
-    PROJECTIONS,
-    EnsembleSpec,
-    EvalSpec,
-    MethodSpec,
-)
+from ..methods import METHODS
+from ..projections import PROJECTIONS
+from ..specs import EvalSpec
 from ..store import Store
 from ..tasks import get_task
 from .common import emit
+from .setting_options import add_projection_options, add_setting_options, method_template, setting_from_args
 
 TABLE_COLUMNS = ("method", "proj", "ensemble", "I", "D", "L", "P", "shared_projection", "lds", "lds_sem", "damping",
                  "train_s", "serve_s", "space_bytes", "n_members")
@@ -43,37 +42,22 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seed", type=int, default=0, help="seed of the subsets and the validation split")
 
 
-def _setting_options(p: argparse.ArgumentParser, damping_help: str) -> None:
-    p.add_argument("--method", default="trak", choices=METHODS)
-    p.add_argument("--proj", default="kron", choices=PROJECTIONS, help="dense JL, Kronecker-structured JL or none")
-    p.add_argument("--proj-dim", type=int, default=2048)
-    p.add_argument("--proj-seed", type=int, default=0)
-    p.add_argument("--damping", type=float, help=damping_help)
-    p.add_argument("--ensemble", default="naive", choices=ENSEMBLE_KINDS)
-    p.add_argument("--I", type=int, default=1, help="independently trained models")
-    p.add_argument("--D", type=int, default=1, help="dropout masks per model")
-    p.add_argument("--L", type=int, default=1, help="LoRA fine-tunes per model")
-    p.add_argument("--P", type=int, default=1, help="projection seeds per model (control)")
-    p.add_argument("--masks", default="fixed", choices=MASK_MODES)
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-epochs", type=int, default=3)
-    p.add_argument("--lora-grad", default="merged", choices=LORA_GRADIENTS)
-    p.add_argument("--forward-grad", default="plain", choices=FORWARD_GRADIENTS,
-                   help="dropout-forward: plain gradient, or gradient of the mask-averaged target")
-    p.add_argument("--shared-projection", action="store_true", help="members of a base model share its projection")
+def _replicate_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicates", type=int, default=1,
+                   help="seed replicates: replicate r trains its own base models (ensemble seed + 1000 r) with their "
+                        "own masks, adapters and projections; LDS is averaged and its spread across replicates reported")
+
+
+def _grid_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default="trak", help="comma-separated methods: " + ", ".join(METHODS.names()))
+    p.add_argument("--grid", default="paper", choices=sorted(GRIDS))
+    p.add_argument("--proj", default="kron", help="comma-separated projections: " + ", ".join(PROJECTIONS.names()))
+    add_projection_options(p)
+    _replicate_option(p)
 
 
 def _eval_spec(args: argparse.Namespace) -> EvalSpec:
     return EvalSpec(M=args.M, alpha=args.alpha, runs=args.runs, seed=args.eval_seed)
-
-
-def _setting(args: argparse.Namespace) -> tuple[MethodSpec, EnsembleSpec]:
-    method = MethodSpec(name=args.method, proj=args.proj, proj_dim=args.proj_dim, damping=args.damping,
-                        seed=args.proj_seed)
-    ensemble = EnsembleSpec(kind=args.ensemble, I=args.I, D=args.D, L=args.L, P=args.P, masks=args.masks,
-                            lora_rank=args.lora_rank, lora_epochs=args.lora_epochs, lora_grad=args.lora_grad,
-                            forward_grad=args.forward_grad, shared_projection=args.shared_projection)
-    return method, ensemble
 
 
 def _split(text: str, valid: tuple[str, ...] | list[str], what: str) -> list[str]:
@@ -99,9 +83,9 @@ def cmd_ground_truth(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     task, spec, store = get_task(args.task), _eval_spec(args), Store(args.store)
-    method, ensemble = _setting(args)
+    method, ensemble = setting_from_args(args)
     result = experiments.run(task, method, ensemble, spec, store=store, device=args.device,
-                 progress=None if args.json else tqdm_progress())
+                             replicates=args.replicates, progress=None if args.json else tqdm_progress())
     row = result.row() | {"provenance": result.provenance,
                           "validation_lds": {str(c): v for c, v in result.validation_lds.items()}}
     if args.record:
@@ -110,32 +94,73 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(json.dumps(row, default=str))
         return
     tuned = " (tuned on the validation split)" if result.damping_tuned else ""
+    spread = "" if result.replicates == 1 else f", +- {result.lds_rep_se:.4f} across {result.replicates} replicates"
+    ceiling = "" if np.isnan(result.ceiling.ceiling) else f"; ground-truth ceiling {result.ceiling.ceiling:.3f}"
     print(f"{task.name} {method.name} ({method.proj}) over {ensemble.kind} I={ensemble.I}: LDS {result.lds:.4f} "
-          f"+- {result.lds_sem:.4f} on {result.n_eval} test examples; damping c={result.damping}{tuned}")
+          f"+- {result.lds_sem:.4f} on {result.n_eval} test examples{spread}; damping c={result.damping}{tuned}"
+          f"{ceiling}")
     emit({k: row[k] for k in ("train_s", "serve_s", "space_bytes", "n_trained", "n_members", "device")}, False)
+
+
+def _sweep_args(args: argparse.Namespace) -> dict:
+    methods = _split(args.methods, METHODS.names(), "method")
+    projections = _split(args.proj, PROJECTIONS.names(), "projection")
+    return {"methods": methods, "grid": args.grid, "projections": projections, "template": method_template(args),
+            "replicates": args.replicates}
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     task, spec, store = get_task(args.task), _eval_spec(args), Store(args.store)
-    methods = _split(args.methods, METHODS, "method")
-    projections = _split(args.proj, PROJECTIONS, "projection")
     if args.x not in COST_LABELS:
         raise UserError(f"unknown x axis {args.x!r}; valid choices: {', '.join(COST_LABELS)}")
-    pairs = experiments.sweep_settings(methods, args.grid, projections, args.damping)
-    sp = experiments.plan_sweep(task, pairs, spec, store=store, device=args.device)
+    a = _sweep_args(args)
+    pairs = experiments.sweep_settings(a["methods"], args.grid, a["projections"], args.damping, template=a["template"])
+    sp = experiments.plan_sweep(task, pairs, spec, store=store, device=args.device, replicates=args.replicates)
     print(sp.describe(), file=sys.stderr)
     if not sp.fits:
         raise UserError(sp.message)
     if args.dry_run:
         return
-    frame = experiments.sweep(task, methods, args.grid, projections=projections, eval_spec=spec, damping=args.damping,
-                  store=store, device=args.device, progress=None if args.json else tqdm_progress())
+    frame = experiments.sweep(task, a["methods"], args.grid, projections=a["projections"], eval_spec=spec,
+                              damping=args.damping, template=a["template"], replicates=args.replicates, store=store,
+                              device=args.device, progress=None if args.json else tqdm_progress())
     _show(frame, args)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    task, spec = get_task(args.task), _eval_spec(args)
+    template = dataclasses.replace(method_template(args), proj="kron", damping=None)
+    setting_a, setting_b = (parse_setting(text, template) for text in (args.setting_a, args.setting_b))
+    cmp = experiments.compare(task, setting_a, setting_b, spec, replicates=args.replicates, split=args.split,
+                              resamples=args.resamples, seed=args.boot_seed, store=Store(args.store),
+                              device=args.device, progress=None if args.json else tqdm_progress())
+    if args.json:
+        print(json.dumps(cmp.row(), default=str))
+        return
+    print(f"A: {cmp.label_a}: LDS {cmp.lds_a:.4f}")
+    print(f"B: {cmp.label_b}: LDS {cmp.lds_b:.4f}")
+    print(f"A - B = {cmp.difference:+.4f}, {cmp.level:.0%} interval [{cmp.low:+.4f}, {cmp.high:+.4f}] "
+          f"({cmp.n} {args.split} examples, {cmp.resamples} paired bootstrap resamples): {cmp.verdict}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    task, spec = get_task(args.task), _eval_spec(args)
+    a = _sweep_args(args)
+    frame, paired = make_report(task, a["methods"], args.grid, args.out, projections=a["projections"], eval_spec=spec,
+                                template=a["template"], replicates=args.replicates, store=Store(args.store),
+                                device=args.device, progress=None if args.json else tqdm_progress())
+    print(f"{len(frame)} settings, {len(paired)} paired comparisons: {args.out}.csv, {args.out}_paired.csv, "
+          f"{args.out}.md", file=sys.stderr)
+    if args.json:
+        print(paired.to_json(orient="records"))
+    else:
+        print(paired.round(4).to_string(index=False))
 
 
 def _write_figure(frame: pd.DataFrame, path: str, x: str) -> None:
     out = Path(path)
-    fig = experiments.sweep_figure(frame, x, log_x=x in ("train_s", "serve_s", "space_bytes"))
+    fig = lds_cost_figure(frame, x, log_x=x in ("train_s", "serve_s", "space_bytes"))
+    fig.update_layout(width=560 * frame["proj"].nunique() + 200)
     if out.suffix == ".html":
         fig.write_html(out, include_plotlyjs="cdn")
     elif out.suffix in (".png", ".svg"):
@@ -176,7 +201,7 @@ def _show(frame: pd.DataFrame, args: argparse.Namespace) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> None:
-    frame = pd.read_csv(args.csv) if args.csv else Store(args.store).read_table(experiments.RESULTS_TABLE)
+    frame = pd.read_csv(args.csv) if args.csv else Store(args.store).read_table(RESULTS_TABLE)
     for column, text in (("task", args.task), ("method", args.methods), ("proj", args.proj)):
         if text and not frame.empty:
             frame = frame[frame[column].isin(text.split(","))]
@@ -187,7 +212,7 @@ def cmd_results(args: argparse.Namespace) -> None:
 
 def cmd_counterfactual(args: argparse.Namespace) -> None:
     task, store = get_task(args.task), Store(args.store)
-    method, ensemble = _setting(args)
+    method, ensemble = setting_from_args(args)
     att = attribute(task, method, ensemble, store=store, device=args.device, test_positions=torch.tensor([args.test]),
                     progress=None if args.json else tqdm_progress())
     seeds = base_seeds(ensemble) if args.seeds is None else args.seeds
@@ -214,21 +239,44 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
     p = sub.add_parser("run", parents=[common], help="one setting: attribution scores and their LDS, with costs")
     _eval_options(p)
-    _setting_options(p, "relative damping c; default: tuned on a validation split of the test set "
-                        f"over {', '.join(map(str, DAMPING_GRID))}")
+    add_setting_options(p, default_proj="kron", default_damping=None,
+                        damping_help="relative damping c; default: tuned on a validation split of the test set "
+                                     f"over {', '.join(map(str, DAMPING_GRID))}")
+    _replicate_option(p)
     p.add_argument("--record", action="store_true", help="also append the row to the store's results table")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", parents=[common], help="a grid of settings -> the results table (resumable)")
     _eval_options(p)
-    p.add_argument("--methods", default="trak", help="comma-separated methods: " + ", ".join(METHODS))
-    p.add_argument("--grid", default="paper", choices=sorted(GRIDS))
-    p.add_argument("--proj", default="kron", help="comma-separated projections: " + ", ".join(PROJECTIONS))
+    _grid_options(p)
     p.add_argument("--damping", type=float, help="fix c for TRAK / IF (default: tuned on the validation split)")
     p.add_argument("--plot", metavar="FILE", help="write the LDS-vs-cost figure (.html; .png/.svg with kaleido)")
     p.add_argument("--x", default="train_s", help="cost on the figure's x axis: " + ", ".join(COST_LABELS))
     p.add_argument("--dry-run", action="store_true", help="print the estimate of the work and stop")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", parents=[common],
+                       help="two settings on one ground truth: the LDS difference with a paired 95%% interval")
+    _eval_options(p)
+    p.add_argument("setting_a", metavar="SETTING_A",
+                   help="key=value pairs, e.g. 'kind=dropout,I=2,D=5' or 'method=grad-dot,proj=dense' (defaults: "
+                        f"TRAK, Kronecker, damping tuned, naive I=1; keys: {', '.join([*METHOD_KEYS, *ENSEMBLE_KEYS])})")
+    p.add_argument("setting_b", metavar="SETTING_B", help="the second setting, same form")
+    add_projection_options(p)
+    _replicate_option(p)
+    p.add_argument("--split", default="evaluation", choices=experiments.SPLITS,
+                   help="test examples the difference is measured on (validation: for choosing defaults)")
+    p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="paired bootstrap resamples")
+    p.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", parents=[common],
+                       help="sweep a grid, compare every setting with naive I=1 and its projection-seed control, "
+                            "write CSV + Markdown")
+    _eval_options(p)
+    _grid_options(p)
+    p.add_argument("--out", required=True, help="path prefix of the files written (e.g. docs/results_mnist_cpu)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("results", parents=[common], help="the results table (or a CSV of it): table, figure")
     p.add_argument("--csv", help="read rows from this CSV (e.g. a table exported from another machine)")
@@ -244,7 +292,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = sub.add_parser("counterfactual", parents=[common],
                        help="retrain without a test example's top-k proponents vs without k random examples")
     p.add_argument("--task", required=True)
-    _setting_options(p, "relative damping c (default 1)")
+    add_setting_options(p, default_proj="kron", default_damping=None, damping_help="relative damping c (default 1)")
     p.add_argument("--test", type=int, default=0, help="test position to explain")
     p.add_argument("--k", type=int, default=20, help="training examples removed")
     p.add_argument("--draws", type=int, default=5, help="random removals to compare with")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..errors import unknown_choice
@@ -120,3 +121,19 @@ def sample_indices(n_available: int, n_wanted: int, seed: int) -> np.ndarray:
     """A fixed-seed sample of ``min(n_available, n_wanted)`` positions, sorted."""
     rng = np.random.default_rng(seed)
     return np.sort(rng.permutation(n_available)[: min(n_available, n_wanted)])
+
+
+def dataset_table(data_root: str | Path | None = None, sizes: bool = False) -> pd.DataFrame:
+    """Every registered dataset: name, kind, where its data comes from right now and a description; with
+    `sizes`, its train/test sizes too (loading the datasets that are available)."""
+    root = data_dir(data_root)
+    rows = []
+    for name, info in sorted(REGISTRY.items()):
+        status = info.locate(root)
+        row = {"dataset": name, "kind": info.kind}
+        if sizes:
+            found = status.status in ("found", "embedded")
+            row["train/test"] = (lambda ds: f"{ds.n_train}/{ds.n_test}")(load_dataset(name, root)) if found else "-"
+        rows.append(row | {"status": status.status, "where": status.where, "description": info.description})
+    return pd.DataFrame(rows)
+

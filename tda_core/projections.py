@@ -1,0 +1,318 @@
+"""Feature maps: exact gradients, dense JL and Kronecker-structured JL, behind one interface, in one table.
+
+A feature map turns a chunk of examples into feature rows (`step`), and says before it is built what its
+store-key identity is (`identity`), how many features it gives (`feature_dim`) and roughly how much memory
+its pass needs (`peak_bytes`). `PROJECTIONS` maps the names users type (`--proj none|dense|kron`) to the
+classes; to add a projection, subclass `FeatureMap` here and register it.
+
+- ``none``: the exact per-sample gradients (``torch.func.vmap(grad(...))``, chunked);
+- ``dense``: those gradients times a seeded Gaussian or Rademacher JL matrix, generated in fixed row
+  blocks from (seed, block), held whole when it fits, else regenerated per chunk;
+- ``kron``: every covered layer's inputs and output gradients, captured in one batched forward/backward,
+  projected separately and multiplied, summed over positions and layers (tda_core/kron_layers.py): a JL
+  projection whose columns are Kronecker products u (x) v, never materialised. Parameters outside covered
+  layers are counted in `uncovered`.
+"""
+from __future__ import annotations
+
+import abc
+import math
+import time
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .features import GradientSource, default_chunk, derive_seed, masked, p_or_nan, per_sample_gradients
+from .kron_layers import KronLayer, adapter_for
+from .objectives import target
+from .registry import Registry
+from .specs import MethodSpec
+
+KRON_CHUNK_BYTES = 1 << 28
+KRON_FORM = "rank-one sketches summed over layers"  # in store keys: features of the per-layer form differ
+DENSE_BLOCK_ENTRIES = 1 << 22  # entries per generated block of the dense JL matrix (fixes the stream)
+DENSE_HOLD_FRACTION = 0.5  # hold the whole dense matrix when it takes at most this share of the memory budget
+Step = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
+
+
+class FeatureMap(abc.ABC):
+    """Turns chunks of examples of one member into feature rows [B, k] and p [B], with named seconds."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    scheme: ClassVar[dict[str, str]] = {}  # store-key entries of schemes that changed under the same spec
+    chunk: int  # examples per step
+
+    @classmethod
+    @abc.abstractmethod
+    def build(cls, source: GradientSource, method: MethodSpec, seed: int, device: torch.device,
+              probe: tuple[torch.Tensor, torch.Tensor], budget: int) -> FeatureMap:
+        """The feature map of one member (projection `seed`), for a memory `budget` in bytes."""
+
+    @classmethod
+    def identity(cls, method: MethodSpec, seed: int) -> dict:
+        """What distinguishes this map's features in store keys."""
+        return {"proj": cls.name, "dim": method.proj_dim, "seed": seed}
+
+    @classmethod
+    def feature_dim(cls, n_params: int, method: MethodSpec) -> int:
+        return method.proj_dim
+
+    @classmethod
+    @abc.abstractmethod
+    def peak_bytes(cls, n_params: int, k: int, n_train: int, budget: int) -> int:
+        """Memory of one pass besides the feature rows themselves (gradient chunks, projection matrices)."""
+
+    @abc.abstractmethod
+    def step(self, x: torch.Tensor, y: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> Step:
+        """(phi [B, k], p [B], seconds by name) for one chunk."""
+
+
+def _gradient_chunk_bytes(n_params: int, n_train: int) -> int:
+    return min(n_train, default_chunk(n_params)) * n_params * 4 * 3
+
+
+class ExactGradients(FeatureMap):
+    """The per-sample gradients themselves (k = number of differentiated parameters)."""
+
+    name, label = "none", "none (exact)"
+
+    def __init__(self, source: GradientSource, device: torch.device) -> None:
+        self.grads = per_sample_gradients(source, device)
+        self.chunk = default_chunk(source.n_params)
+
+    @classmethod
+    def build(cls, source, method, seed, device, probe, budget) -> FeatureMap:  # noqa: ANN001
+        return cls(source, device)
+
+    @classmethod
+    def identity(cls, method: MethodSpec, seed: int) -> dict:
+        return {"proj": cls.name}
+
+    @classmethod
+    def feature_dim(cls, n_params: int, method: MethodSpec) -> int:
+        return n_params
+
+    @classmethod
+    def peak_bytes(cls, n_params: int, k: int, n_train: int, budget: int) -> int:
+        return _gradient_chunk_bytes(n_params, n_train)
+
+    def step(self, x, y, masks) -> Step:  # noqa: ANN001
+        t0 = time.perf_counter()
+        g, p = self.grads(x, y, masks)
+        return g, p, {"grads_s": time.perf_counter() - t0, "project_s": 0.0}
+
+
+class DenseProjection:
+    """Seeded JL matrix P (n_params x k), entries N(0, 1/k) or +-1/sqrt(k), built from fixed row blocks."""
+
+    def __init__(self, n_params: int, k: int, seed: int, device: torch.device, distribution: str = "gaussian",
+                 hold_bytes: int = 2 << 30, dtype: torch.dtype = torch.float32) -> None:
+        if distribution not in ("gaussian", "rademacher"):
+            raise UserError(f"unknown dense projection {distribution!r}; valid choices: gaussian, rademacher")
+        self.n_params, self.k, self.seed, self.device, self.distribution = n_params, k, seed, device, distribution
+        self.dtype = dtype  # bfloat16: the same matrix rounded, float32 accumulation (AMX, tensor cores)
+        self.rows_per_block = max(1, DENSE_BLOCK_ENTRIES // k)
+        self.gen_s = 0.0
+        self._whole: torch.Tensor | None = None
+        self.hold = n_params * k * dtype.itemsize <= hold_bytes
+
+    def _block(self, b: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        r0 = b * self.rows_per_block
+        rows = min(self.rows_per_block, self.n_params - r0)
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, "dense", b))
+        if self.distribution == "gaussian":
+            out = torch.randn(rows, self.k, generator=g, device=self.device).mul_(1.0 / math.sqrt(self.k))
+        else:
+            out = torch.randint(0, 2, (rows, self.k), generator=g, device=self.device, dtype=torch.float32)
+            out.mul_(2.0 / math.sqrt(self.k)).sub_(1.0 / math.sqrt(self.k))
+        out = out.to(self.dtype)
+        self.gen_s += time.perf_counter() - t0
+        return out
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n_params // self.rows_per_block)
+
+    def matrix(self) -> torch.Tensor:
+        """The whole matrix (generated once and kept when it fits `hold_bytes`)."""
+        if self._whole is None:
+            whole = torch.cat([self._block(b) for b in range(self.n_blocks)])
+            if not self.hold:
+                return whole
+            self._whole = whole
+        return self._whole
+
+    def __call__(self, g: torch.Tensor) -> torch.Tensor:
+        """Project gradient rows g [B, n_params] -> [B, k]."""
+        g = g.to(self.dtype)
+        if self.hold:
+            return (g @ self.matrix()).float()
+        out = torch.zeros(g.shape[0], self.k, device=g.device)
+        for b in range(self.n_blocks):
+            r0 = b * self.rows_per_block
+            out += (g[:, r0:r0 + self.rows_per_block] @ self._block(b)).float()
+        return out
+
+
+class DenseJL(FeatureMap):
+    """Exact per-sample gradients times a dense seeded JL matrix (`DenseProjection`)."""
+
+    name, label = "dense", "dense JL"
+
+    def __init__(self, source: GradientSource, projection: DenseProjection, device: torch.device) -> None:
+        self.grads = per_sample_gradients(source, device)
+        self.projection = projection
+        self.chunk = default_chunk(source.n_params)
+
+    @classmethod
+    def build(cls, source, method, seed, device, probe, budget) -> FeatureMap:  # noqa: ANN001
+        matrix = DenseProjection(source.n_params, method.proj_dim, seed, device, method.dense_kind,
+                                 hold_bytes=int(budget * DENSE_HOLD_FRACTION), dtype=getattr(torch, method.proj_dtype))
+        return cls(source, matrix, device)
+
+    @classmethod
+    def identity(cls, method: MethodSpec, seed: int) -> dict:
+        out = super().identity(method, seed) | {"dense_kind": method.dense_kind}
+        if method.proj_dtype != "float32":  # keys of float32 features stay as they were
+            out["dtype"] = method.proj_dtype
+        return out
+
+    @classmethod
+    def peak_bytes(cls, n_params: int, k: int, n_train: int, budget: int) -> int:
+        whole = n_params * k * 4
+        matrix = whole if whole <= budget * DENSE_HOLD_FRACTION else DENSE_BLOCK_ENTRIES * 4
+        return _gradient_chunk_bytes(n_params, n_train) + matrix
+
+    def step(self, x, y, masks) -> Step:  # noqa: ANN001
+        t0 = time.perf_counter()
+        g, p = self.grads(x, y, masks)
+        t1 = time.perf_counter()
+        gen_before = self.projection.gen_s
+        phi = self.projection(g)
+        gen_s = self.projection.gen_s - gen_before
+        return phi, p, {"grads_s": t1 - t0, "project_s": time.perf_counter() - t1 - gen_s, "gen_s": gen_s}
+
+
+def _gaussian(d: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d, width, generator=g).to(device)
+
+
+class KronProjection(FeatureMap):
+    """Kronecker-structured JL over all covered layers: k features, each a rank-one sketch of every layer.
+
+    Feature r = k^-1/2 * sum over layers l and positions t of (u_lr . g_t)(v_lr . a_t), with g_t the
+    layer's output gradient, a_t its input (bias column appended) and u, v independent standard Gaussians:
+    a product of two separate projections (inputs, output gradients), which is vec(G) projected by the
+    Kronecker-structured column u_lr (x) v_lr, G = sum_t g_t a_t^T the layer's weight gradient. Hence
+    E[phi(z) . phi(z')] = <grad(z), grad(z')>, and k is shared by all layers (no per-layer split).
+    """
+
+    name, label = "kron", "Kronecker JL"
+    scheme = {"kron_form": KRON_FORM}
+
+    def __init__(self, source: GradientSource, proj_dim: int, seed: int, device: torch.device,
+                 probe: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.source = source
+        self.k = proj_dim
+        candidates = _covered_modules(source)
+        fired = _fired_positions(source, candidates, probe, device)
+        # examples per chunk: the [B, positions, k] sketches of the busiest layer stay near KRON_CHUNK_BYTES
+        self.chunk = max(1, min(512, KRON_CHUNK_BYTES // (4 * proj_dim * max(fired.values(), default=1))))
+        self.layers: list[KronLayer] = []
+        covered = 0
+        for name, module, adapter in candidates:
+            if id(module) not in fired:  # called functionally (e.g. inside nn.MultiheadAttention): no hook fires
+                continue
+            d_out, d_in = adapter.dims(module)
+            u = _gaussian(d_out, proj_dim, derive_seed(seed, name, "out"), device)
+            v = _gaussian(d_in, proj_dim, derive_seed(seed, name, "in"), device)
+            self.layers.append(KronLayer(name, module, adapter, d_out, d_in, u, v))
+            covered += sum(getattr(module, p).numel() for p in adapter.param_names(module))
+        self.uncovered = source.n_params - covered
+        if not self.layers:
+            raise UserError("the Kronecker projection found no Linear, Conv2d or Embedding layer among the "
+                            "differentiated parameters; use --proj dense")
+
+    @classmethod
+    def build(cls, source, method, seed, device, probe, budget) -> FeatureMap:  # noqa: ANN001
+        return cls(source, method.proj_dim, seed, device, probe)
+
+    @classmethod
+    def identity(cls, method: MethodSpec, seed: int) -> dict:
+        return super().identity(method, seed) | {"kron_form": KRON_FORM}
+
+    @classmethod
+    def peak_bytes(cls, n_params: int, k: int, n_train: int, budget: int) -> int:
+        return 0  # the sketches are bounded per chunk by KRON_CHUNK_BYTES, counted with the features
+
+    def step(self, x, y, masks) -> Step:  # noqa: ANN001
+        """One batched forward/backward with hooks on the covered layers, then their sketches."""
+        t0 = time.perf_counter()
+        source, model = self.source, self.source.model
+        by_module = {id(layer.module): layer for layer in self.layers}
+        calls: list[tuple[KronLayer, torch.Tensor, torch.Tensor]] = []
+
+        def hook(mod, inputs, output):
+            calls.append((by_module[id(mod)], inputs[0].detach(), output))
+
+        hooks = [layer.module.register_forward_hook(hook) for layer in self.layers]
+        values, probs = [], []
+        try:
+            for m in source.average_masks or (masks,):
+                with masked(model, m):
+                    logits = model(x)
+                values.append(target(logits, y, source.sequence))
+                probs.append(p_or_nan(logits.detach(), y, source.sequence))
+        finally:
+            for h in hooks:
+                h.remove()
+        total = torch.stack(values).mean(0).sum()
+        gouts = torch.autograd.grad(total, [out for _, _, out in calls])
+        t1 = time.perf_counter()
+        phi = sum(layer.adapter.features(layer, inp, gout.detach()) for (layer, inp, _), gout in zip(calls, gouts))
+        return phi, torch.stack(probs).mean(0), {"grads_s": t1 - t0, "project_s": time.perf_counter() - t1}
+
+
+def _covered_modules(source: GradientSource) -> list[tuple[str, nn.Module, object]]:
+    """(name, module, adapter) of every module of a covered type whose covered parameters are all differentiated."""
+    wanted = set(source.param_names)
+    out = []
+    for name, module in source.model.named_modules():
+        adapter = adapter_for(module)
+        if adapter is None:
+            continue
+        prefix = f"{name}." if name else ""
+        if all(prefix + p in wanted for p in adapter.param_names(module)):
+            out.append((name, module, adapter))
+    return out
+
+
+def _fired_positions(source: GradientSource, modules: list[tuple[str, nn.Module, object]],
+                     probe: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict[int, int]:
+    """Positions (tokens, pixels) per example of each module that fires on one probe example, by id."""
+    seen: dict[int, int] = {}
+
+    def hook_for(adapter):
+        def hook(mod, inputs, output):
+            seen[id(mod)] = seen.get(id(mod), 0) + adapter.positions(mod, output)
+        return hook
+
+    hooks = [module.register_forward_hook(hook_for(adapter)) for _, module, adapter in modules]
+    try:
+        with torch.no_grad(), masked(source.model, source.masks_for(slice(0, 1), device)):
+            source.model(probe[0][:1].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+PROJECTIONS: Registry[type[FeatureMap]] = Registry("projection")
+for _cls in (DenseJL, KronProjection, ExactGradients):
+    PROJECTIONS.register(_cls.name, _cls)
