@@ -31,6 +31,13 @@ def test_mnist_mlp_reaches_93_percent_on_embedded_mnist():
     assert acc >= 0.93, acc
 
 
+@pytest.mark.slow
+def test_mnist_resnet9_cpu_reaches_97_percent_on_embedded_mnist():
+    task, ds = get_task("mnist-resnet9-cpu"), load_dataset("mnist")
+    acc = evaluate(train(task, ds, seed=0), ds.x_test, ds.y_test, False)["accuracy"]
+    assert acc >= 0.97, acc
+
+
 def test_training_is_deterministic_and_seed_dependent():
     task, ds = short("digits-mlp", epochs=2), load_dataset("digits")
     a, b, c = (train(task, ds, seed=s) for s in (5, 5, 6))
