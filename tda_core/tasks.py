@@ -36,6 +36,13 @@ register_task(TaskSpec("cifar2-resnet9", "cifar2", "resnet9", (("n_classes", 2),
 register_task(TaskSpec("cifar2-resnet9-cpu", "cifar2", "resnet9", (("n_classes", 2), ("width", 0.25)),
                        Recipe(epochs=20, batch_size=128, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4),
                        description="CIFAR-2 + ResNet-9 at width 0.25 (0.41M parameters; CPU-sized)"))
+MNIST_RESNET9_RECIPE = Recipe(epochs=10, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4)
+register_task(TaskSpec("mnist-resnet9-cpu", "mnist", "resnet9",
+                       (("in_channels", 1), ("n_classes", 10), ("width", 0.125)), MNIST_RESNET9_RECIPE,
+                       description="MNIST-10 + ResNet-9 at width 0.125 (0.10M parameters; CPU-sized: the 50-subset "
+                                   "ground truth trains in under 15 minutes on 2 cores)"))
+register_task(TaskSpec("mnist-resnet9", "mnist", "resnet9", (("in_channels", 1), ("n_classes", 10), ("width", 1.0)),
+                       MNIST_RESNET9_RECIPE, description="MNIST-10 + ResNet-9 (6.6M parameters; meant for a GPU)"))
 register_task(TaskSpec("chorales-mt", "chorales", "music-transformer", tuple(CPU_SIZE.items()),
                        Recipe(epochs=2, batch_size=8, lr=3e-3, optimizer="adam"), sequence=True,
                        description="Bach chorales + Music Transformer, CPU size (0.16M parameters, 2 layers, "

@@ -1,8 +1,12 @@
-"""Training: `train` (one model, a plain readable loop) and `train_many` (K models at once with torch.func).
+"""Training: `train` (one model, a plain readable loop) and `train_many` (K models at once).
 
 All randomness is per model: initialisation from `seed`, shuffling from a CPU generator
 seeded with `seed`, dropout masks from a generator on the training device seeded with
 `seed + MASK_SEED_OFFSET`. Hence `train_many` gives the same parameters as `train`.
+`train_many` stacks the K models' parameters and buffers and takes one optimizer step on the stack per
+batch: models that define `forward_stacked` (MLP: batched matrix products; ResNet-9: grouped convolutions,
+BatchNorm with per-model running statistics) run it, every other model (the Music Transformer) runs under
+`torch.func.vmap` over `functional_call`.
 `load_or_train` adds the store: a spec trained once is loaded afterwards.
 """
 from __future__ import annotations
@@ -10,19 +14,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import math
 import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, stack_module_state, vmap
+from torch.func import functional_call, stack_module_state, vmap
 
 from .data import Dataset, load_dataset
 from .device import resolve_device
-from .models.dropout import draw_masks, mask_shapes, use_masks
-from .objectives import per_example_loss
+from .models.dropout import draw_masks, draw_stacked_masks, mask_shapes, use_masks
+from .objectives import IGNORE, per_example_loss
 from .progress import Progress, report
 from .specs import Recipe, TaskSpec
 from .store import Store, spec_key
@@ -44,25 +47,32 @@ def dropout_rates(model: nn.Module) -> dict[str, float]:
     return {name: model.get_submodule(name).p for name in model.dropout_layers}
 
 
-def _positions(dataset: Dataset, subset: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+def _training_positions(dataset: Dataset, subset: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+    """Positions in the training set a model trains on: `subset`, or all of them."""
     if subset is None:
         return torch.arange(dataset.n_train)
     return torch.as_tensor(np.asarray(subset), dtype=torch.long)
 
 
+def _rows(data: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """data[positions] for (K, B) positions, by `index_select` (a plain copy of rows, faster than indexing)."""
+    return data.index_select(0, positions.flatten()).view(*positions.shape, *data.shape[1:])
+
+
 def _generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(shuffling, dropout masks) generators of the model trained from `seed`."""
     return (torch.Generator().manual_seed(seed),
             torch.Generator(device=device).manual_seed(seed + MASK_SEED_OFFSET))
 
 
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
+def _optimizer(recipe: Recipe, params: Sequence[torch.Tensor], device: torch.device) -> torch.optim.Optimizer:
+    """The recipe's optimizer; the fused kernels where torch has them (one pass over each tensor, same arithmetic
+    for one model and for a stack, since every update is elementwise)."""
+    fused = True if device.type in ("cpu", "cuda") else None
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                               fused=fused)
+    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=fused)
 
 
 def train(task: TaskSpec, dataset: Dataset, seed: int, subset: np.ndarray | None = None,
@@ -71,11 +81,11 @@ def train(task: TaskSpec, dataset: Dataset, seed: int, subset: np.ndarray | None
     device = resolve_device(device) if isinstance(device, str) else device
     recipe = task.recipe
     x, y = dataset.x_train.to(device), dataset.y_train.to(device)
-    positions = _positions(dataset, subset)
+    positions = _training_positions(dataset, subset)
     model = init_model(task, seed).to(device)
     shapes, rates = mask_shapes(model, x[:1]), dropout_rates(model)
     shuffle_gen, mask_gen = _generators(seed, device)
-    opt = _optimizer(recipe, model.parameters())
+    opt = _optimizer(recipe, list(model.parameters()), device)
     model.train()
     for epoch in range(recipe.epochs):
         for batch in torch.randperm(len(positions), generator=shuffle_gen).split(recipe.batch_size):
@@ -89,56 +99,69 @@ def train(task: TaskSpec, dataset: Dataset, seed: int, subset: np.ndarray | None
     return model.eval()
 
 
-class _FunctionalOptimizer:
-    """SGD (momentum, weight decay) and Adam on stacked parameters, with torch.optim's arithmetic."""
+class _ModelStack:
+    """K models of one architecture as stacked parameters and buffers, (K, *shape) each.
 
-    def __init__(self, recipe: Recipe, params: dict[str, torch.Tensor]) -> None:
-        self.recipe = recipe
-        self.step_count = 0
-        self.state = {name: [torch.zeros_like(p) for _ in range(1 if recipe.optimizer == "sgd" else 2)]
-                      for name, p in params.items()}
+    Models whose class defines `forward_stacked` (MLP, ResNet-9; see `models.stacked`) run it: batched matrix
+    products, grouped convolutions, BatchNorm over the K models' channels. Their stacked matrices are stored as
+    (K, in, out) and handed over as (K, out, in) transposes, so each batched product's gradient lands in its leaf
+    tensor without a copy. Every other model (the Music Transformer) runs under `vmap` over `functional_call`.
+    Either way the backward pass is ordinary autograd, and BatchNorm running statistics are kept per model in
+    the stacked buffers."""
+
+    def __init__(self, models: Sequence[nn.Module], task: TaskSpec) -> None:
+        params, self.buffers = stack_module_state(list(models))
+        self.sequence = task.sequence
+        stacked = hasattr(models[0], "forward_stacked")
+        self._transposed = {name for name, p in params.items() if stacked and p.dim() == 3}
+        self.leaves = {name: (p.detach().transpose(1, 2).contiguous() if name in self._transposed else p.detach())
+                       .requires_grad_() for name, p in params.items()}
+        if stacked:
+            self._forward = models[0].forward_stacked
+        else:
+            base = copy.deepcopy(models[0]).to("meta").train()
+
+            def forward(p, b, x, masks):
+                with use_masks(base, masks):
+                    return functional_call(base, (p, b), (x,))
+
+            self._forward = vmap(forward)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The stacked parameters under the module's names and shapes (views of the leaves)."""
+        return {name: leaf.transpose(1, 2) if name in self._transposed else leaf for name, leaf in self.leaves.items()}
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum over the models of each model's mean loss on its own batch (x, y are (K, B, ...))."""
+        logits = self._forward(self.params(), self.buffers, x, masks)
+        losses = per_example_loss(logits.flatten(0, 1), y.flatten(0, 1), self.sequence)
+        return losses.view(len(x), -1).mean(1).sum()
 
     @torch.no_grad()
-    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
-        r = self.recipe
-        self.step_count += 1
-        for name, p in params.items():
-            g = grads[name]
-            if r.weight_decay:
-                g = g.add(p, alpha=r.weight_decay)
-            if r.optimizer == "sgd":
-                (buf,) = self.state[name]
-                if r.momentum:
-                    buf.mul_(r.momentum).add_(g)
-                    g = buf
-                p.add_(g, alpha=-r.lr)
-            else:
-                beta1, beta2, eps = 0.9, 0.999, 1e-8
-                m, v = self.state[name]
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                bc1, bc2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
-                denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
-                p.addcdiv_(m, denom, value=-r.lr / bc1)
+    def write_back(self, models: Sequence[nn.Module]) -> None:
+        """Copy model k's parameters and buffers into models[k]."""
+        params = self.params()
+        for k, model in enumerate(models):
+            for name, p in model.named_parameters():
+                p.copy_(params[name][k])
+            for name, b in model.named_buffers():
+                b.copy_(self.buffers[name][k])
 
 
 def train_many(task: TaskSpec, dataset: Dataset, seeds: Sequence[int],
                subsets: Sequence[np.ndarray | None] | None = None, device: str | torch.device = "auto",
                progress: Progress | None = None) -> list[nn.Module]:
-    """Train K models at once (stacked parameters, one vmapped gradient per step).
-
-    Each model has its own seed and its own training subset (all subsets of one size).
-    Models with BatchNorm are trained one by one with `train` (per-model running statistics).
-    """
+    """Train K models at once: one optimizer step on their stacked parameters per batch, each model with its own
+    seed, batch order, dropout masks and training subset (all subsets of one size; otherwise, and for K = 1,
+    the models are trained one by one with `train`)."""
     device = resolve_device(device) if isinstance(device, str) else device
     subsets = list(subsets) if subsets is not None else [None] * len(seeds)
     if len(subsets) != len(seeds):
         raise ValueError(f"{len(seeds)} seeds but {len(subsets)} subsets")
-    if not seeds:
-        return []
-    positions = [_positions(dataset, s) for s in subsets]
-    probe = init_model(task, seeds[0])
-    if _has_batchnorm(probe) or len({len(p) for p in positions}) > 1:
+    positions = [_training_positions(dataset, s) for s in subsets]
+    if len(seeds) == 1 or len({len(p) for p in positions}) > 1:
+        if len(seeds) == 1:
+            return [train(task, dataset, seeds[0], subsets[0], device, progress)]  # reports its epochs
         out = []
         for k, (seed, subset) in enumerate(zip(seeds, subsets)):
             out.append(train(task, dataset, seed, subset, device))
@@ -148,40 +171,23 @@ def train_many(task: TaskSpec, dataset: Dataset, seeds: Sequence[int],
     recipe = task.recipe
     x, y = dataset.x_train.to(device), dataset.y_train.to(device)
     models = [init_model(task, s).to(device) for s in seeds]
-    params, buffers = stack_module_state(models)
-    params = {k: v.detach().clone() for k, v in params.items()}
-    base = copy.deepcopy(models[0]).to("meta")
+    stack = _ModelStack(models, task)
     shapes, rates = mask_shapes(models[0], x[:1]), dropout_rates(models[0])
-    gens = [_generators(s, device) for s in seeds]
-    pos = torch.stack(positions)  # (K, n)
-    n = pos.shape[1]
-
-    def loss_fn(p, b, masks, xb, yb):
-        with use_masks(base, masks):
-            logits = functional_call(base, (p, b), (xb,))
-        return per_example_loss(logits, yb, task.sequence).mean()
-
-    batched_grad = vmap(grad(loss_fn))
-    opt = _FunctionalOptimizer(recipe, params)
-    rows = torch.arange(len(seeds))[:, None]
+    shuffle_gens, mask_gens = zip(*(_generators(s, device) for s in seeds))
+    opt = _optimizer(recipe, list(stack.leaves.values()), device)
+    pos = torch.stack(positions).to(device)  # (K, n)
     for epoch in range(recipe.epochs):
-        order = torch.stack([torch.randperm(n, generator=g[0]) for g in gens])
-        idx_all = pos[rows, order].to(device)  # (K, n) dataset positions in each model's order
-        for start in range(0, n, recipe.batch_size):
-            idx = idx_all[:, start:start + recipe.batch_size]
-            per_model = [draw_masks(shapes, rates, idx.shape[1], g[1]) for g in gens]
-            masks = {name: torch.stack([m[name] for m in per_model]) for name in shapes}
-            grads = batched_grad(params, buffers, masks, x[idx], y[idx])
-            opt.step(params, grads)
+        order = torch.stack([torch.randperm(pos.shape[1], generator=g) for g in shuffle_gens]).to(device)
+        epoch_positions = pos.gather(1, order)  # each model's dataset positions in its own order
+        for batch in epoch_positions.split(recipe.batch_size, dim=1):
+            masks = draw_stacked_masks(shapes, rates, batch.shape[1], mask_gens)
+            loss = stack.loss(_rows(x, batch), _rows(y, batch), masks)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         report(progress, epoch + 1, recipe.epochs, f"train {len(seeds)} models")
-
-    out = []
-    for k, model in enumerate(models):
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(params[name][k])
-        out.append(model.eval())
-    return out
+    stack.write_back(models)
+    return [m.eval() for m in models]
 
 
 @torch.no_grad()
@@ -194,25 +200,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sequence: bool,
         xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
         logits = model(xb)
         losses.append(per_example_loss(logits, yb, sequence))
-        valid = yb != -100
+        valid = yb != IGNORE
         correct += int(((logits.argmax(-1) == yb) & valid).sum())
         count += int(valid.sum())
     return {"loss": float(torch.cat(losses).mean()), "accuracy": correct / max(count, 1)}
 
 
 # --- the store ---------------------------------------------------------------------------------
-_FINGERPRINTS: dict[int, str] = {}
-
-
 def dataset_fingerprint(dataset: Dataset) -> str:
     """Hash of a dataset's contents and source indices (so keys survive moving the data directory)."""
-    if id(dataset) not in _FINGERPRINTS:
-        h = hashlib.sha256(dataset.name.encode())
-        for t in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test,
-                  dataset.train_index, dataset.test_index):
-            h.update(t.contiguous().numpy().tobytes())
-        _FINGERPRINTS[id(dataset)] = h.hexdigest()[:16]
-    return _FINGERPRINTS[id(dataset)]
+    return dataset.fingerprint
 
 
 def subset_digest(subset: np.ndarray | None) -> str | None:

@@ -6,7 +6,8 @@ import torch
 
 from tda_core.errors import UserError
 from tda_core.models import build_model, n_parameters
-from tda_core.models.dropout import MaskableDropout, fixed_masks, mask_shapes, use_masks
+from tda_core.models.dropout import (MaskableDropout, draw_masks, draw_stacked_masks, fixed_masks, mask_shapes,
+                                     use_masks)
 
 
 @pytest.mark.parametrize("kwargs, x_shape, n_params", [
@@ -62,3 +63,37 @@ def test_fixed_masks_are_reproducible_and_fix_a_subnetwork():
     assert torch.allclose(batch, single, atol=1e-6)  # one sub-network for every example
     assert model.drop1.mask is None  # restored after the block
     assert not torch.allclose(batch, model(x))
+
+
+def test_stacked_masks_equal_each_generators_own_draws():
+    shapes, rates = {"drop1": (128,), "drop2": (3, 4)}, {"drop1": 0.1, "drop2": 0.5}
+    stacked_gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    own_gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    for _ in range(2):  # consecutive batches keep each generator's stream in step
+        stacked = draw_stacked_masks(shapes, rates, 5, stacked_gens)
+        for k, gen in enumerate(own_gens):
+            own = draw_masks(shapes, rates, 5, gen)
+            assert all(torch.equal(stacked[name][k], own[name]) for name in shapes)
+    assert not torch.equal(stacked["drop1"][0], stacked["drop1"][1])
+
+
+@pytest.mark.parametrize("name, kwargs, x_shape", [
+    ("mlp", {"in_features": 64}, (5, 1, 8, 8)),
+    ("resnet9", {"in_channels": 1, "width": 0.125}, (5, 1, 28, 28)),
+])
+def test_forward_stacked_equals_each_models_forward(name, kwargs, x_shape):
+    """K models computed at once (training mode, masks given) equal each model's own forward under those masks."""
+    from torch.func import stack_module_state
+
+    models = [build_model(name, **kwargs).train() for _ in range(3)]
+    x = torch.rand(3, *x_shape)
+    shapes = mask_shapes(models[0], x[0])
+    gens = [torch.Generator().manual_seed(k) for k in range(3)]
+    masks = draw_stacked_masks(shapes, {n: 0.5 for n in shapes}, x_shape[0], gens)
+    params, buffers = stack_module_state(models)
+    out = models[0].forward_stacked(params, buffers, x, masks)
+    for k, model in enumerate(models):
+        with use_masks(model, {n: m[k] for n, m in masks.items()}):
+            assert torch.allclose(out[k], model(x[k]), atol=1e-5)
+        for b_name, b in model.named_buffers():  # BatchNorm running statistics updated per model, as forward does
+            assert torch.allclose(buffers[b_name][k].double(), b.double(), atol=1e-6), b_name

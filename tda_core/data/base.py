@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +44,15 @@ class Dataset:
         if split == "test":
             return self.x_test, self.y_test, self.test_index
         raise unknown_choice("split", split, SPLITS)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hash of the name, contents and source indices, computed once per Dataset object (store keys use it,
+        so they survive moving the data directory)."""
+        h = hashlib.sha256(self.name.encode())
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test, self.train_index, self.test_index):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def n_train(self) -> int:

@@ -7,7 +7,7 @@ training-set and test-set gradients of a member see the same sub-network on any 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -56,9 +56,13 @@ def mask_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]
     return shapes
 
 
+def _keep_scaled(uniform: torch.Tensor, p: float) -> torch.Tensor:
+    """Mask from uniform draws: kept (u >= p) units scaled by 1/(1-p), dropped ones 0."""
+    return (uniform >= p).to(torch.float32) / (1.0 - p)
+
+
 def _bernoulli_mask(shape: tuple[int, ...], p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    keep = torch.rand(shape, generator=generator, device=device) >= p
-    return keep.to(torch.float32) / (1.0 - p)
+    return _keep_scaled(torch.rand(shape, generator=generator, device=device), p)
 
 
 def draw_masks(shapes: Mapping[str, tuple[int, ...]], rates: Mapping[str, float], batch: int,
@@ -66,6 +70,17 @@ def draw_masks(shapes: Mapping[str, tuple[int, ...]], rates: Mapping[str, float]
     """Fresh per-example masks for one batch, from `generator` (training)."""
     return {name: _bernoulli_mask((batch, *shape), rates[name], generator, generator.device)
             for name, shape in shapes.items()}
+
+
+def draw_stacked_masks(shapes: Mapping[str, tuple[int, ...]], rates: Mapping[str, float], batch: int,
+                       generators: Sequence[torch.Generator]) -> dict[str, torch.Tensor]:
+    """Masks of K models for one batch, (K, batch, ...) per layer; slice k equals `draw_masks` from generators[k]."""
+    device = generators[0].device
+    uniform = {name: torch.empty((len(generators), batch, *shape), device=device) for name, shape in shapes.items()}
+    for k, generator in enumerate(generators):
+        for name in shapes:  # the order draw_masks draws in
+            uniform[name][k].uniform_(generator=generator)
+    return {name: _keep_scaled(u, rates[name]) for name, u in uniform.items()}
 
 
 def fixed_masks(shapes: Mapping[str, tuple[int, ...]], rates: Mapping[str, float], seed: int,

@@ -1,10 +1,13 @@
 """The benchmark MLP: in-128-64-classes, ReLU, dropout after each hidden layer."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from .dropout import MaskableDropout
+from .stacked import stacked_linear
 
 
 class MLP(nn.Module):
@@ -26,3 +29,10 @@ class MLP(nn.Module):
         h = self.drop1(torch.relu(self.fc1(x.flatten(1))))
         h = self.drop2(torch.relu(self.fc2(h)))
         return self.fc3(h)
+
+    def forward_stacked(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
+                        x: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """K MLPs as batched matrix products (see `models.stacked`): x (K, B, ...) -> logits (K, B, classes)."""
+        h = masks["drop1"] * torch.relu(stacked_linear(params, "fc1", x.flatten(2)))
+        h = masks["drop2"] * torch.relu(stacked_linear(params, "fc2", h))
+        return stacked_linear(params, "fc3", h)
