@@ -1,11 +1,20 @@
 """Layer types the Kronecker projection covers: one small adapter per module type, registered by type.
 
-For a covered layer the per-example weight gradient is G = sum_t g_t a_t^T over its positions t (tokens,
-pixels), with g_t the output gradient and a_t the input (a constant 1 appended for a bias). The Kronecker JL
-feature r of that layer is u_r^T G v_r / sqrt(k): two separate sketches (u for the output side, v for the
-input side) multiplied, never a params x k matrix. An adapter says, for its module type, which parameters
-it covers, the two sides' sizes, and how to turn one call's input and output gradient into the [B, k]
-contribution. To cover a new layer type, write one adapter and `register_layer` it here.
+For a Kronecker layer (Linear, Conv2d, Embedding) the per-example weight gradient is G = sum_t g_t a_t^T over
+its positions t (tokens, pixels), with g_t the output gradient and a_t the input (a constant 1 appended for a
+bias). The Kronecker JL feature r of that layer is u_r^T G v_r / sqrt(k): two separate sketches (u for the
+output side, v for the input side) multiplied, never a params x k matrix.
+
+Small parameter blocks outside such layers (BatchNorm and LayerNorm scales and shifts, the relative-position
+tables of attention) are exact blocks: their exact per-example gradient g [B, n] is projected by a dense
+standard Gaussian P [n, k], g P / sqrt(k), and added to the same k features. The projection matrix of the
+whole model is then the Kronecker columns with these dense rows appended: still an unbiased JL projection,
+over every parameter.
+
+An adapter says, for its module type, which parameters it covers, how to draw its sketches, what to keep
+from a call (`capture`, in a forward hook) and how to turn that and the call's output gradient into the
+[B, k] contribution. To cover a new layer type, write one adapter and `register_layer` it here; parameters
+of types no adapter covers are listed by name as `uncovered` by the projection.
 """
 from __future__ import annotations
 
@@ -15,23 +24,40 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .features import derive_seed
+from .models.dropout import MaskableDropout
+from .models.music_transformer import SelfAttention
 
 
 @dataclasses.dataclass
 class KronLayer:
-    """One covered layer inside a Kronecker projection: its module, side sizes and Gaussian sketches."""
+    """One covered layer inside a Kronecker projection: its module, adapter and Gaussian sketches."""
 
     name: str
     module: nn.Module
     adapter: LayerAdapter
-    d_out: int
-    d_in: int  # includes the bias column when the layer has a bias
-    u: torch.Tensor  # [d_out, k] standard Gaussian, sketches output gradients
-    v: torch.Tensor  # [d_in, k] standard Gaussian, sketches inputs
+    u: torch.Tensor  # [d_out, k] standard Gaussian, sketches output gradients (exact block: [n_block, k])
+    v: torch.Tensor | None  # [d_in, k] standard Gaussian, sketches inputs (None for an exact block)
 
     @property
     def k(self) -> int:
         return self.u.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.u.shape[0]
+
+    @property
+    def d_in(self) -> int:  # includes the bias column when the layer has a bias
+        return 0 if self.v is None else self.v.shape[0]
+
+
+def gaussian(d: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A [d, width] standard Gaussian from `seed` (drawn on the CPU, so identical on every device)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d, width, generator=g).to(device)
 
 
 def combine_sketches(gu: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
@@ -76,11 +102,23 @@ class LayerAdapter:
         raise NotImplementedError
 
     def positions(self, module: nn.Module, output: torch.Tensor) -> int:
-        """Positions per example in one call (tokens, pixels), from the call's output."""
+        """Positions per example in one call (tokens, pixels), from the call's output: a call's [B, positions, k]
+        sketches bound the examples per chunk."""
         return output.numel() // output.shape[0] // output.shape[-1]
 
-    def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
-        """[B, k] contribution of one call of the layer, from its input and its output's gradient."""
+    def sketches(self, name: str, module: nn.Module, k: int, seed: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(u [d_out, k], v [d_in, k]): the layer's Gaussian factors, drawn from (seed, layer name, side)."""
+        d_out, d_in = self.dims(module)
+        return (gaussian(d_out, k, derive_seed(seed, name, "out"), device),
+                gaussian(d_in, k, derive_seed(seed, name, "in"), device))
+
+    def capture(self, module: nn.Module, inputs: tuple, per_example_masks: bool) -> object:
+        """What `features` needs from one call besides its output gradient (kept by a forward hook)."""
+        return inputs[0].detach()
+
+    def features(self, layer: KronLayer, captured, gout: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        """[B, k] contribution of one call of the layer, from what `capture` kept and its output's gradient."""
         raise NotImplementedError
 
 
@@ -144,6 +182,106 @@ class EmbeddingAdapter(LayerAdapter):
         return combine_gradient(layer, grad_t.transpose(1, 2))
 
 
+class ExactBlockAdapter(LayerAdapter):
+    """A small parameter block covered by its exact per-example gradient [B, n] (its parameters' gradients
+    flattened in `param_names` order), projected by a dense standard Gaussian [n, k] / sqrt(k)."""
+
+    def positions(self, module: nn.Module, output: torch.Tensor) -> int:
+        return 1  # no [B, positions, k] sketches: its [B, n] gradient is the size of a parameter block
+
+    def sketches(self, name: str, module: nn.Module, k: int, seed: int,
+                 device: torch.device) -> tuple[torch.Tensor, None]:
+        n = sum(getattr(module, p).numel() for p in self.param_names(module))
+        return gaussian(n, k, derive_seed(seed, name, "block"), device), None
+
+    def gradient(self, module: nn.Module, captured, gout: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        """Exact per-example gradient [B, n] of the block's parameters, from one call."""
+        raise NotImplementedError
+
+    def features(self, layer: KronLayer, captured, gout: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return self.gradient(layer.module, captured, gout) @ layer.u / math.sqrt(layer.k)
+
+
+def _scale_shift_gradient(names: list[str], normalised: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+    """[B, n] gradients of an affine y = x_hat * weight + bias, given x_hat and dL/dy as [B, positions, n]."""
+    grads = {"weight": (gout * normalised).sum(1), "bias": gout.sum(1)}
+    return torch.cat([grads[name] for name in names], dim=1)
+
+
+class BatchNormAdapter(ExactBlockAdapter):
+    """BatchNorm (1d, 2d, 3d) normalising by its running statistics, as in eval mode, where each example's
+    gradient is its own: scale sum_pixels g * x_hat, shift sum_pixels g, per channel."""
+
+    module_type = nn.modules.batchnorm._BatchNorm
+
+    def supports(self, module: nn.Module) -> bool:
+        return module.track_running_stats and module.running_mean is not None
+
+    def param_names(self, module: nn.Module) -> list[str]:
+        return ["weight", "bias"] if module.affine else []
+
+    def gradient(self, module: nn.Module, captured, gout: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        x, b, c = captured, captured.shape[0], captured.shape[1]
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        normalised = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+        return _scale_shift_gradient(self.param_names(module), normalised.reshape(b, c, -1).transpose(1, 2),
+                                     gout.reshape(b, c, -1).transpose(1, 2))
+
+
+class LayerNormAdapter(ExactBlockAdapter):
+    """nn.LayerNorm: each position normalised over the trailing `normalized_shape`; scale and shift gradients
+    summed over positions."""
+
+    module_type = nn.LayerNorm
+
+    def param_names(self, module: nn.Module) -> list[str]:
+        return [name for name in ("weight", "bias") if getattr(module, name, None) is not None]
+
+    def gradient(self, module: nn.Module, captured, gout: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        x, dims = captured, tuple(range(-len(module.normalized_shape), 0))
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+        n = math.prod(module.normalized_shape)
+        normalised = ((x - mean) * torch.rsqrt(var + module.eps)).reshape(x.shape[0], -1, n)
+        return _scale_shift_gradient(self.param_names(module), normalised, gout.reshape(x.shape[0], -1, n))
+
+
+class OwnParametersAdapter(ExactBlockAdapter):
+    """The parameters a module holds itself, not through child modules (the relative-position table of
+    `SelfAttention`). Their per-example gradient is the vector-Jacobian product of the module's call with its
+    output gradient, recomputed per example under vmap from the call's one batched input, under the dropout
+    masks its layers had in that call."""
+
+    def __init__(self, module_type: type[nn.Module]) -> None:
+        self.module_type = module_type
+
+    def param_names(self, module: nn.Module) -> list[str]:
+        return [name for name, _ in module.named_parameters(recurse=False)]
+
+    def capture(self, module: nn.Module, inputs: tuple, per_example_masks: bool) -> object:
+        masks = {name: m.mask for name, m in module.named_modules()
+                 if isinstance(m, MaskableDropout) and m.mask is not None}
+        return inputs[0].detach(), masks, per_example_masks
+
+    def gradient(self, module: nn.Module, captured, gout: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        x, masks, per_example = captured
+        names = self.param_names(module)
+        dropouts = {name: module.get_submodule(name) for name in masks}
+
+        def inner(params, xb, gb, mb):
+            for name, mask in mb.items():
+                dropouts[name].mask = mask
+            try:
+                return (functional_call(module, params, (xb.unsqueeze(0),)) * gb.unsqueeze(0)).sum()
+            finally:
+                for name in mb:
+                    dropouts[name].mask = None
+
+        params = {name: getattr(module, name).detach() for name in names}
+        with torch.no_grad():  # torch.func differentiates inside; nothing to record outside
+            g = vmap(grad(inner), in_dims=(None, 0, 0, 0 if per_example and masks else None))(params, x, gout, masks)
+        return torch.cat([g[name].reshape(x.shape[0], -1) for name in names], dim=1)
+
+
 LAYER_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}
 
 
@@ -162,5 +300,6 @@ def adapter_for(module: nn.Module) -> LayerAdapter | None:
     return None
 
 
-for _adapter in (LinearAdapter(), Conv2dAdapter(), EmbeddingAdapter()):
+for _adapter in (LinearAdapter(), Conv2dAdapter(), EmbeddingAdapter(), BatchNormAdapter(), LayerNormAdapter(),
+                 OwnParametersAdapter(SelfAttention)):
     register_layer(_adapter)

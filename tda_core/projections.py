@@ -10,8 +10,10 @@ classes; to add a projection, subclass `FeatureMap` here and register it.
   blocks from (seed, block), held whole when it fits, else regenerated per chunk;
 - ``kron``: every covered layer's inputs and output gradients, captured in one batched forward/backward,
   projected separately and multiplied, summed over positions and layers (tda_core/kron_layers.py): a JL
-  projection whose columns are Kronecker products u (x) v, never materialised. Parameters outside covered
-  layers are counted in `uncovered`.
+  projection whose columns are Kronecker products u (x) v, never materialised; small blocks (normalisation
+  scales and shifts, position tables) enter by their exact per-example gradients, dense-projected into the
+  same k features. Differentiated parameters that no layer adapter covers are listed by name in
+  `uncovered` (dense and exact gradients cover every parameter: their `uncovered` is empty).
 """
 from __future__ import annotations
 
@@ -26,13 +28,15 @@ from torch import nn
 
 from .errors import UserError
 from .features import GradientSource, default_chunk, derive_seed, masked, p_or_nan, per_sample_gradients
-from .kron_layers import KronLayer, adapter_for
+from .kron_layers import ExactBlockAdapter, KronLayer, adapter_for
 from .objectives import target
 from .registry import Registry
 from .specs import MethodSpec
 
 KRON_CHUNK_BYTES = 1 << 28
 KRON_FORM = "rank-one sketches summed over layers"  # in store keys: features of the per-layer form differ
+# in store keys of members with exact blocks only (models with norms or position tables; MLP keys unchanged)
+KRON_BLOCKS = "exact per-example gradients of norm and position blocks, dense-projected into the k features"
 DENSE_BLOCK_ENTRIES = 1 << 22  # entries per generated block of the dense JL matrix (fixes the stream)
 DENSE_HOLD_FRACTION = 0.5  # hold the whole dense matrix when it takes at most this share of the memory budget
 Step = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
@@ -45,6 +49,7 @@ class FeatureMap(abc.ABC):
     label: ClassVar[str]
     scheme: ClassVar[dict[str, str]] = {}  # store-key entries of schemes that changed under the same spec
     chunk: int  # examples per step
+    uncovered: tuple[str, ...] = ()  # names of differentiated parameters the features leave out
 
     @classmethod
     @abc.abstractmethod
@@ -56,6 +61,11 @@ class FeatureMap(abc.ABC):
     def identity(cls, method: MethodSpec, seed: int) -> dict:
         """What distinguishes this map's features in store keys."""
         return {"proj": cls.name, "dim": method.proj_dim, "seed": seed}
+
+    @classmethod
+    def model_scheme(cls, source: GradientSource) -> dict[str, str]:
+        """Store-key entries that depend on what a member differentiates (none unless a map says otherwise)."""
+        return {}
 
     @classmethod
     def feature_dim(cls, n_params: int, method: MethodSpec) -> int:
@@ -198,11 +208,6 @@ class DenseJL(FeatureMap):
         return phi, p, {"grads_s": t1 - t0, "project_s": time.perf_counter() - t1 - gen_s, "gen_s": gen_s}
 
 
-def _gaussian(d: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(d, width, generator=g).to(device)
-
-
 class KronProjection(FeatureMap):
     """Kronecker-structured JL over all covered layers: k features, each a rank-one sketch of every layer.
 
@@ -225,19 +230,17 @@ class KronProjection(FeatureMap):
         # examples per chunk: the [B, positions, k] sketches of the busiest layer stay near KRON_CHUNK_BYTES
         self.chunk = max(1, min(512, KRON_CHUNK_BYTES // (4 * proj_dim * max(fired.values(), default=1))))
         self.layers: list[KronLayer] = []
-        covered = 0
+        covered: set[str] = set()
         for name, module, adapter in candidates:
             if id(module) not in fired:  # called functionally (e.g. inside nn.MultiheadAttention): no hook fires
                 continue
-            d_out, d_in = adapter.dims(module)
-            u = _gaussian(d_out, proj_dim, derive_seed(seed, name, "out"), device)
-            v = _gaussian(d_in, proj_dim, derive_seed(seed, name, "in"), device)
-            self.layers.append(KronLayer(name, module, adapter, d_out, d_in, u, v))
-            covered += sum(getattr(module, p).numel() for p in adapter.param_names(module))
-        self.uncovered = source.n_params - covered
+            u, v = adapter.sketches(name, module, proj_dim, seed, device)
+            self.layers.append(KronLayer(name, module, adapter, u, v))
+            covered.update(_qualified(name, adapter.param_names(module)))
+        self.uncovered = tuple(n for n in source.param_names if n not in covered)
         if not self.layers:
-            raise UserError("the Kronecker projection found no Linear, Conv2d or Embedding layer among the "
-                            "differentiated parameters; use --proj dense")
+            raise UserError("the Kronecker projection covers none of the differentiated parameters (no Linear, "
+                            "Conv2d, Embedding or normalisation layer among them); use --proj dense")
 
     @classmethod
     def build(cls, source, method, seed, device, probe, budget) -> FeatureMap:  # noqa: ANN001
@@ -248,6 +251,13 @@ class KronProjection(FeatureMap):
         return super().identity(method, seed) | {"kron_form": KRON_FORM}
 
     @classmethod
+    def model_scheme(cls, source: GradientSource) -> dict[str, str]:
+        """`KRON_BLOCKS` when exact blocks cover some of the differentiated parameters (their features, once
+        computed without them, differ); nothing otherwise, so MLP keys stay as they were."""
+        blocks = any(isinstance(adapter, ExactBlockAdapter) for _, _, adapter in _covered_modules(source))
+        return {"kron_blocks": KRON_BLOCKS} if blocks else {}
+
+    @classmethod
     def peak_bytes(cls, n_params: int, k: int, n_train: int, budget: int) -> int:
         return 0  # the sketches are bounded per chunk by KRON_CHUNK_BYTES, counted with the features
 
@@ -256,10 +266,12 @@ class KronProjection(FeatureMap):
         t0 = time.perf_counter()
         source, model = self.source, self.source.model
         by_module = {id(layer.module): layer for layer in self.layers}
-        calls: list[tuple[KronLayer, torch.Tensor, torch.Tensor]] = []
+        per_example = source.per_example_masks and not source.average_masks
+        calls: list[tuple[KronLayer, object, torch.Tensor]] = []
 
         def hook(mod, inputs, output):
-            calls.append((by_module[id(mod)], inputs[0].detach(), output))
+            layer = by_module[id(mod)]
+            calls.append((layer, layer.adapter.capture(mod, inputs, per_example), output))
 
         hooks = [layer.module.register_forward_hook(hook) for layer in self.layers]
         values, probs = [], []
@@ -275,8 +287,12 @@ class KronProjection(FeatureMap):
         total = torch.stack(values).mean(0).sum()
         gouts = torch.autograd.grad(total, [out for _, _, out in calls])
         t1 = time.perf_counter()
-        phi = sum(layer.adapter.features(layer, inp, gout.detach()) for (layer, inp, _), gout in zip(calls, gouts))
+        phi = sum(layer.adapter.features(layer, kept, gout.detach()) for (layer, kept, _), gout in zip(calls, gouts))
         return phi, torch.stack(probs).mean(0), {"grads_s": t1 - t0, "project_s": time.perf_counter() - t1}
+
+
+def _qualified(module_name: str, local: list[str]) -> list[str]:
+    return [f"{module_name}.{p}" if module_name else p for p in local]
 
 
 def _covered_modules(source: GradientSource) -> list[tuple[str, nn.Module, object]]:
@@ -287,8 +303,8 @@ def _covered_modules(source: GradientSource) -> list[tuple[str, nn.Module, objec
         adapter = adapter_for(module)
         if adapter is None:
             continue
-        prefix = f"{name}." if name else ""
-        if all(prefix + p in wanted for p in adapter.param_names(module)):
+        names = _qualified(name, adapter.param_names(module))
+        if names and all(p in wanted for p in names):
             out.append((name, module, adapter))
     return out
 
