@@ -5,29 +5,26 @@ its positions t (tokens, pixels), with g_t the output gradient and a_t the input
 bias). The Kronecker JL feature r of that layer is u_r^T G v_r / sqrt(k): two separate sketches (u for the
 output side, v for the input side) multiplied, never a params x k matrix.
 
-Small parameter blocks outside such layers (BatchNorm and LayerNorm scales and shifts, the relative-position
-tables of attention) are exact blocks: their exact per-example gradient g [B, n] is projected by a dense
-standard Gaussian P [n, k], g P / sqrt(k), and added to the same k features. The projection matrix of the
-whole model is then the Kronecker columns with these dense rows appended: still an unbiased JL projection,
-over every parameter.
+The relative-position table of attention is such a layer too (its logits q E^T, with (head, query) positions).
+Small parameter blocks (BatchNorm and LayerNorm scales and shifts) are exact blocks: their exact per-example
+gradient g [B, n] is projected by a dense standard Gaussian P [n, k], g P / sqrt(k), and added to the same k
+features. The projection matrix of the whole model is then the Kronecker columns with these dense rows
+appended: still an unbiased JL projection, over every parameter.
 
-An adapter says, for its module type, which parameters it covers, how to draw its sketches, what to keep
-from a call (`capture`, in a forward hook) and how to turn that and the call's output gradient into the
-[B, k] contribution. To cover a new layer type, write one adapter and `register_layer` it here; parameters
+An adapter says, for its module type, which parameters it covers, which call it reads (`call_site`), how to
+draw its sketches and how to turn one call's input and output gradient into the [B, k] contribution. To cover a new layer type, write one adapter and `register_layer` it here; parameters
 of types no adapter covers are listed by name as `uncovered` by the projection.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
-
 from .features import derive_seed
-from .models.dropout import MaskableDropout
 from .models.music_transformer import SelfAttention
 
 
@@ -40,6 +37,8 @@ class KronLayer:
     adapter: LayerAdapter
     u: torch.Tensor  # [d_out, k] standard Gaussian, sketches output gradients (exact block: [n_block, k])
     v: torch.Tensor | None  # [d_in, k] standard Gaussian, sketches inputs (None for an exact block)
+    hold_columns: bool = False  # keep the Kronecker columns for formed weight gradients (memory allowing)
+    columns: torch.Tensor | None = None  # [d_out * d_in, k]: column r is u_r (x) v_r, built on first use
 
     @property
     def k(self) -> int:
@@ -53,6 +52,11 @@ class KronLayer:
     def d_in(self) -> int:  # includes the bias column when the layer has a bias
         return 0 if self.v is None else self.v.shape[0]
 
+    @property
+    def site(self) -> nn.Module:
+        """The module whose calls are hooked."""
+        return self.adapter.call_site(self.module)
+
 
 def gaussian(d: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
     """A [d, width] standard Gaussian from `seed` (drawn on the CPU, so identical on every device)."""
@@ -65,18 +69,33 @@ def combine_sketches(gu: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
     return (gu * av).sum(1) / math.sqrt(gu.shape[-1])
 
 
+def kronecker_columns(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[d_out * d_in, k]: column r is vec(u_r v_r^T), row-major like a weight [d_out, d_in] flattened."""
+    return (u.unsqueeze(1) * v.unsqueeze(0)).reshape(-1, u.shape[1])
+
+
 def combine_gradient(layer: KronLayer, grad_w: torch.Tensor) -> torch.Tensor:
-    """[B, out, in] weight gradients G -> [B, k] with feature r = u_r^T G v_r (smaller side contracted last)."""
-    if layer.d_out <= layer.d_in:
-        return ((grad_w @ layer.v) * layer.u).sum(1) / math.sqrt(layer.k)
-    return ((grad_w.transpose(1, 2) @ layer.u) * layer.v).sum(1) / math.sqrt(layer.k)
+    """[B, out, in] weight gradients G -> [B, k] with feature r = u_r^T G v_r: one matrix product with the held
+    Kronecker columns, else both sides contracted per example (the smaller side last)."""
+    if layer.hold_columns:
+        if layer.columns is None:
+            layer.columns = kronecker_columns(layer.u, layer.v)
+        return grad_w.reshape(grad_w.shape[0], -1) @ layer.columns / math.sqrt(layer.k)
+    b, small_last = grad_w.shape[0], layer.d_out <= layer.d_in
+    side = grad_w if small_last else grad_w.transpose(1, 2)  # [B, small side, large side]
+    first, last = (layer.v, layer.u) if small_last else (layer.u, layer.v)
+    sketched = (side.reshape(-1, side.shape[2]) @ first).view(b, side.shape[1], -1)  # one product for the chunk
+    return sketched.mul_(last).sum(1) / math.sqrt(layer.k)
 
 
 def positions_features(layer: KronLayer, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """[B, k] from per-position output gradients g [B, T, out] and inputs a [B, T, in]: by summing sketches
-    over positions, or, when positions outnumber what the weight gradient costs, by forming it first."""
+    over positions, or, when positions outnumber what the weight gradient costs, by forming it first (laid out
+    so that its smaller side comes first in memory)."""
     if a.shape[1] * (layer.d_out + layer.d_in) > layer.d_out * layer.d_in:
-        return combine_gradient(layer, torch.bmm(g.transpose(1, 2), a))
+        if layer.d_out <= layer.d_in or layer.hold_columns:
+            return combine_gradient(layer, torch.bmm(g.transpose(1, 2), a))
+        return combine_gradient(layer, torch.bmm(a.transpose(1, 2), g).transpose(1, 2))
     return combine_sketches(g @ layer.u, a @ layer.v)
 
 
@@ -88,6 +107,9 @@ class LayerAdapter:
     """What the Kronecker projection needs to know about one module type."""
 
     module_type: type[nn.Module] = nn.Module
+    # True for the types covered since every parameter is (norms, position tables): the features of models with
+    # them changed, so their store keys carry the projection's coverage entry; MLP keys do not
+    extends_coverage: ClassVar[bool] = False
 
     def supports(self, module: nn.Module) -> bool:
         """False for configurations the adapter cannot express (their parameters count as uncovered)."""
@@ -113,12 +135,13 @@ class LayerAdapter:
         return (gaussian(d_out, k, derive_seed(seed, name, "out"), device),
                 gaussian(d_in, k, derive_seed(seed, name, "in"), device))
 
-    def capture(self, module: nn.Module, inputs: tuple, per_example_masks: bool) -> object:
-        """What `features` needs from one call besides its output gradient (kept by a forward hook)."""
-        return inputs[0].detach()
+    def call_site(self, module: nn.Module) -> nn.Module:
+        """The module whose calls' first input and output gradient the features need (hooked): the module
+        itself, or a parameter-free child through which it applies its parameter."""
+        return module
 
-    def features(self, layer: KronLayer, captured, gout: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        """[B, k] contribution of one call of the layer, from what `capture` kept and its output's gradient."""
+    def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+        """[B, k] contribution of one call of the layer, from its first input and its output's gradient."""
         raise NotImplementedError
 
 
@@ -186,6 +209,8 @@ class ExactBlockAdapter(LayerAdapter):
     """A small parameter block covered by its exact per-example gradient [B, n] (its parameters' gradients
     flattened in `param_names` order), projected by a dense standard Gaussian [n, k] / sqrt(k)."""
 
+    extends_coverage = True
+
     def positions(self, module: nn.Module, output: torch.Tensor) -> int:
         return 1  # no [B, positions, k] sketches: its [B, n] gradient is the size of a parameter block
 
@@ -194,12 +219,12 @@ class ExactBlockAdapter(LayerAdapter):
         n = sum(getattr(module, p).numel() for p in self.param_names(module))
         return gaussian(n, k, derive_seed(seed, name, "block"), device), None
 
-    def gradient(self, module: nn.Module, captured, gout: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        """Exact per-example gradient [B, n] of the block's parameters, from one call."""
+    def gradient(self, module: nn.Module, x: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+        """Exact per-example gradient [B, n] of the block's parameters, from one call's input and output gradient."""
         raise NotImplementedError
 
-    def features(self, layer: KronLayer, captured, gout: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return self.gradient(layer.module, captured, gout) @ layer.u / math.sqrt(layer.k)
+    def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+        return self.gradient(layer.module, inp, gout) @ layer.u / math.sqrt(layer.k)
 
 
 def _scale_shift_gradient(names: list[str], normalised: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
@@ -220,10 +245,9 @@ class BatchNormAdapter(ExactBlockAdapter):
     def param_names(self, module: nn.Module) -> list[str]:
         return ["weight", "bias"] if module.affine else []
 
-    def gradient(self, module: nn.Module, captured, gout: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        x, b, c = captured, captured.shape[0], captured.shape[1]
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        normalised = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+    def gradient(self, module: nn.Module, x: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        normalised = F.batch_norm(x, module.running_mean, module.running_var, training=False, eps=module.eps)
         return _scale_shift_gradient(self.param_names(module), normalised.reshape(b, c, -1).transpose(1, 2),
                                      gout.reshape(b, c, -1).transpose(1, 2))
 
@@ -237,49 +261,33 @@ class LayerNormAdapter(ExactBlockAdapter):
     def param_names(self, module: nn.Module) -> list[str]:
         return [name for name in ("weight", "bias") if getattr(module, name, None) is not None]
 
-    def gradient(self, module: nn.Module, captured, gout: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        x, dims = captured, tuple(range(-len(module.normalized_shape), 0))
-        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    def gradient(self, module: nn.Module, x: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
         n = math.prod(module.normalized_shape)
-        normalised = ((x - mean) * torch.rsqrt(var + module.eps)).reshape(x.shape[0], -1, n)
+        normalised = F.layer_norm(x, module.normalized_shape, eps=module.eps).reshape(x.shape[0], -1, n)
         return _scale_shift_gradient(self.param_names(module), normalised, gout.reshape(x.shape[0], -1, n))
 
 
-class OwnParametersAdapter(ExactBlockAdapter):
-    """The parameters a module holds itself, not through child modules (the relative-position table of
-    `SelfAttention`). Their per-example gradient is the vector-Jacobian product of the module's call with its
-    output gradient, recomputed per example under vmap from the call's one batched input, under the dropout
-    masks its layers had in that call."""
+class RelativePositionAdapter(LayerAdapter):
+    """The relative-position table E [max_len, d_head] of a `SelfAttention` (shared by its heads), through its
+    `rel_logits` call q E_slice^T: a linear layer without bias whose positions are (head, query) pairs, whose
+    outputs are the last t rows of the table (distances) and whose input side is d_head."""
 
-    def __init__(self, module_type: type[nn.Module]) -> None:
-        self.module_type = module_type
+    module_type = SelfAttention
+    extends_coverage = True
 
     def param_names(self, module: nn.Module) -> list[str]:
-        return [name for name, _ in module.named_parameters(recurse=False)]
+        return ["rel"] if module.rel is not None else []
 
-    def capture(self, module: nn.Module, inputs: tuple, per_example_masks: bool) -> object:
-        masks = {name: m.mask for name, m in module.named_modules()
-                 if isinstance(m, MaskableDropout) and m.mask is not None}
-        return inputs[0].detach(), masks, per_example_masks
+    def call_site(self, module: nn.Module) -> nn.Module:
+        return module.rel_logits
 
-    def gradient(self, module: nn.Module, captured, gout: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        x, masks, per_example = captured
-        names = self.param_names(module)
-        dropouts = {name: module.get_submodule(name) for name in masks}
+    def dims(self, module: nn.Module) -> tuple[int, int]:
+        return tuple(module.rel.shape)
 
-        def inner(params, xb, gb, mb):
-            for name, mask in mb.items():
-                dropouts[name].mask = mask
-            try:
-                return (functional_call(module, params, (xb.unsqueeze(0),)) * gb.unsqueeze(0)).sum()
-            finally:
-                for name in mb:
-                    dropouts[name].mask = None
-
-        params = {name: getattr(module, name).detach() for name in names}
-        with torch.no_grad():  # torch.func differentiates inside; nothing to record outside
-            g = vmap(grad(inner), in_dims=(None, 0, 0, 0 if per_example and masks else None))(params, x, gout, masks)
-        return torch.cat([g[name].reshape(x.shape[0], -1) for name in names], dim=1)
+    def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+        b, t = gout.shape[0], gout.shape[-1]
+        g = F.pad(gout.reshape(b, -1, t), (layer.d_out - t, 0))  # rows before the last t: no gradient
+        return positions_features(layer, g, inp.reshape(b, -1, inp.shape[-1]))
 
 
 LAYER_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}
@@ -301,5 +309,5 @@ def adapter_for(module: nn.Module) -> LayerAdapter | None:
 
 
 for _adapter in (LinearAdapter(), Conv2dAdapter(), EmbeddingAdapter(), BatchNormAdapter(), LayerNormAdapter(),
-                 OwnParametersAdapter(SelfAttention)):
+                 RelativePositionAdapter()):
     register_layer(_adapter)

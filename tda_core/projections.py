@@ -28,17 +28,18 @@ from torch import nn
 
 from .errors import UserError
 from .features import GradientSource, default_chunk, derive_seed, masked, p_or_nan, per_sample_gradients
-from .kron_layers import ExactBlockAdapter, KronLayer, adapter_for
+from .kron_layers import KronLayer, adapter_for
 from .objectives import target
 from .registry import Registry
 from .specs import MethodSpec
 
 KRON_CHUNK_BYTES = 1 << 28
 KRON_FORM = "rank-one sketches summed over layers"  # in store keys: features of the per-layer form differ
-# in store keys of members with exact blocks only (models with norms or position tables; MLP keys unchanged)
-KRON_BLOCKS = "exact per-example gradients of norm and position blocks, dense-projected into the k features"
+# in store keys only of members with layers covered since every parameter is (norms, position tables)
+KRON_COVER = "every parameter: norm scales and shifts exact and dense-projected, position tables Kronecker"
 DENSE_BLOCK_ENTRIES = 1 << 22  # entries per generated block of the dense JL matrix (fixes the stream)
-DENSE_HOLD_FRACTION = 0.5  # hold the whole dense matrix when it takes at most this share of the memory budget
+HOLD_FRACTION = 0.5  # hold a whole projection matrix (dense, Kronecker columns) when it takes at most this share
+# of the memory budget
 Step = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
 
 
@@ -182,7 +183,7 @@ class DenseJL(FeatureMap):
     @classmethod
     def build(cls, source, method, seed, device, probe, budget) -> FeatureMap:  # noqa: ANN001
         matrix = DenseProjection(source.n_params, method.proj_dim, seed, device, method.dense_kind,
-                                 hold_bytes=int(budget * DENSE_HOLD_FRACTION), dtype=getattr(torch, method.proj_dtype))
+                                 hold_bytes=int(budget * HOLD_FRACTION), dtype=getattr(torch, method.proj_dtype))
         return cls(source, matrix, device)
 
     @classmethod
@@ -195,7 +196,7 @@ class DenseJL(FeatureMap):
     @classmethod
     def peak_bytes(cls, n_params: int, k: int, n_train: int, budget: int) -> int:
         whole = n_params * k * 4
-        matrix = whole if whole <= budget * DENSE_HOLD_FRACTION else DENSE_BLOCK_ENTRIES * 4
+        matrix = whole if whole <= budget * HOLD_FRACTION else DENSE_BLOCK_ENTRIES * 4
         return _gradient_chunk_bytes(n_params, n_train) + matrix
 
     def step(self, x, y, masks) -> Step:  # noqa: ANN001
@@ -222,7 +223,7 @@ class KronProjection(FeatureMap):
     scheme = {"kron_form": KRON_FORM}
 
     def __init__(self, source: GradientSource, proj_dim: int, seed: int, device: torch.device,
-                 probe: tuple[torch.Tensor, torch.Tensor]) -> None:
+                 probe: tuple[torch.Tensor, torch.Tensor], hold_bytes: int = 0) -> None:
         self.source = source
         self.k = proj_dim
         candidates = _covered_modules(source)
@@ -232,7 +233,7 @@ class KronProjection(FeatureMap):
         self.layers: list[KronLayer] = []
         covered: set[str] = set()
         for name, module, adapter in candidates:
-            if id(module) not in fired:  # called functionally (e.g. inside nn.MultiheadAttention): no hook fires
+            if id(adapter.call_site(module)) not in fired:  # called functionally (inside nn.MultiheadAttention)
                 continue
             u, v = adapter.sketches(name, module, proj_dim, seed, device)
             self.layers.append(KronLayer(name, module, adapter, u, v))
@@ -241,10 +242,14 @@ class KronProjection(FeatureMap):
         if not self.layers:
             raise UserError("the Kronecker projection covers none of the differentiated parameters (no Linear, "
                             "Conv2d, Embedding or normalisation layer among them); use --proj dense")
+        kronecker = [layer for layer in self.layers if layer.v is not None]
+        if _columns_bytes(kronecker) <= hold_bytes:  # layers that form weight gradients build their columns
+            for layer in kronecker:
+                layer.hold_columns = True
 
     @classmethod
     def build(cls, source, method, seed, device, probe, budget) -> FeatureMap:  # noqa: ANN001
-        return cls(source, method.proj_dim, seed, device, probe)
+        return cls(source, method.proj_dim, seed, device, probe, int(budget * HOLD_FRACTION))
 
     @classmethod
     def identity(cls, method: MethodSpec, seed: int) -> dict:
@@ -252,28 +257,29 @@ class KronProjection(FeatureMap):
 
     @classmethod
     def model_scheme(cls, source: GradientSource) -> dict[str, str]:
-        """`KRON_BLOCKS` when exact blocks cover some of the differentiated parameters (their features, once
-        computed without them, differ); nothing otherwise, so MLP keys stay as they were."""
-        blocks = any(isinstance(adapter, ExactBlockAdapter) for _, _, adapter in _covered_modules(source))
-        return {"kron_blocks": KRON_BLOCKS} if blocks else {}
+        """`KRON_COVER` when layers covered since every parameter is (norms, position tables) are among the
+        differentiated ones (features once computed without them differ); nothing otherwise: MLP keys stay."""
+        extended = any(adapter.extends_coverage for _, _, adapter in _covered_modules(source))
+        return {"kron_cover": KRON_COVER} if extended else {}
 
     @classmethod
     def peak_bytes(cls, n_params: int, k: int, n_train: int, budget: int) -> int:
-        return 0  # the sketches are bounded per chunk by KRON_CHUNK_BYTES, counted with the features
+        """The Kronecker columns when held (at most those of every parameter); the sketches are bounded per
+        chunk by KRON_CHUNK_BYTES, counted with the features."""
+        whole = n_params * k * 4
+        return whole if whole <= budget * HOLD_FRACTION else 0
 
     def step(self, x, y, masks) -> Step:  # noqa: ANN001
         """One batched forward/backward with hooks on the covered layers, then their sketches."""
         t0 = time.perf_counter()
         source, model = self.source, self.source.model
-        by_module = {id(layer.module): layer for layer in self.layers}
-        per_example = source.per_example_masks and not source.average_masks
-        calls: list[tuple[KronLayer, object, torch.Tensor]] = []
+        by_module = {id(layer.site): layer for layer in self.layers}
+        calls: list[tuple[KronLayer, torch.Tensor, torch.Tensor]] = []
 
         def hook(mod, inputs, output):
-            layer = by_module[id(mod)]
-            calls.append((layer, layer.adapter.capture(mod, inputs, per_example), output))
+            calls.append((by_module[id(mod)], inputs[0].detach(), output))
 
-        hooks = [layer.module.register_forward_hook(hook) for layer in self.layers]
+        hooks = [layer.site.register_forward_hook(hook) for layer in self.layers]
         values, probs = [], []
         try:
             for m in source.average_masks or (masks,):
@@ -287,8 +293,12 @@ class KronProjection(FeatureMap):
         total = torch.stack(values).mean(0).sum()
         gouts = torch.autograd.grad(total, [out for _, _, out in calls])
         t1 = time.perf_counter()
-        phi = sum(layer.adapter.features(layer, kept, gout.detach()) for (layer, kept, _), gout in zip(calls, gouts))
+        phi = sum(layer.adapter.features(layer, inp, gout.detach()) for (layer, inp, _), gout in zip(calls, gouts))
         return phi, torch.stack(probs).mean(0), {"grads_s": t1 - t0, "project_s": time.perf_counter() - t1}
+
+
+def _columns_bytes(layers: list[KronLayer]) -> int:
+    return sum(layer.d_out * layer.d_in * layer.k * 4 for layer in layers)
 
 
 def _qualified(module_name: str, local: list[str]) -> list[str]:
@@ -311,15 +321,15 @@ def _covered_modules(source: GradientSource) -> list[tuple[str, nn.Module, objec
 
 def _fired_positions(source: GradientSource, modules: list[tuple[str, nn.Module, object]],
                      probe: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict[int, int]:
-    """Positions (tokens, pixels) per example of each module that fires on one probe example, by id."""
+    """Positions (tokens, pixels) per example of each call site that fires on one probe example, by id."""
     seen: dict[int, int] = {}
 
-    def hook_for(adapter):
-        def hook(mod, inputs, output):
-            seen[id(mod)] = seen.get(id(mod), 0) + adapter.positions(mod, output)
+    def hook_for(module, adapter):
+        def hook(site, inputs, output):
+            seen[id(site)] = seen.get(id(site), 0) + adapter.positions(module, output)
         return hook
 
-    hooks = [module.register_forward_hook(hook_for(adapter)) for _, module, adapter in modules]
+    hooks = [adapter.call_site(module).register_forward_hook(hook_for(module, adapter)) for _, module, adapter in modules]
     try:
         with torch.no_grad(), masked(source.model, source.masks_for(slice(0, 1), device)):
             source.model(probe[0][:1].to(device))

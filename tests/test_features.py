@@ -110,11 +110,11 @@ def _explicit_kron_matrix(model: nn.Module, kron: KronProjection) -> torch.Tenso
             cols = dict(zip(names, la.u.split(sizes)))[kind]
         elif isinstance(la.module, nn.Embedding):  # weight [vocab, dim]; u sketches dim, v sketches vocab
             cols = torch.einsum("ir,or->ior", la.v, la.u)
-        elif kind == "weight":
-            v = la.v[:-1] if la.module.bias is not None else la.v
-            cols = torch.einsum("or,ir->oir", la.u, v)
-        else:  # bias: its input column is constant 1
+        elif kind == "bias":  # its input column is constant 1
             cols = la.u * la.v[-1]
+        else:  # a weight [out, in] (Conv2d: [out, in, kh, kw]) or a relative-position table [distances, d_head]
+            v = la.v[:-1] if getattr(la.module, "bias", None) is not None else la.v
+            cols = torch.einsum("or,ir->oir", la.u, v)
         blocks.append(cols.reshape(param.numel(), -1))
     return torch.cat(blocks) / kron.k ** 0.5
 
@@ -125,12 +125,15 @@ def test_kron_features_equal_exact_gradients_times_their_kronecker_matrix(name, 
     parameter of MLP, Conv2d, Embedding+Linear, ResNet-9 (BatchNorm) and Music Transformer (LayerNorm, relative
     position tables) models."""
     src = GradientSource(model, all_param_names(model), sequence)
-    kron = KronProjection(src, 40, seed=0, device=torch.device("cpu"), probe=(x, y))
-    assert kron.uncovered == ()
     exact = compute_features(src, x, y).phi
-    feats = compute_features(src, x, y, kron, chunk=4).phi
-    assert feats.shape == (len(x), 40)
-    assert torch.allclose(feats, exact @ _explicit_kron_matrix(model, kron), atol=1e-5, rtol=1e-4)
+    for hold_bytes in (0, 1 << 30):  # formed weight gradients contracted per example, or by the held columns
+        kron = KronProjection(src, 40, seed=0, device=torch.device("cpu"), probe=(x, y), hold_bytes=hold_bytes)
+        assert kron.uncovered == ()
+        feats = compute_features(src, x, y, kron, chunk=4).phi
+        assert feats.shape == (len(x), 40)
+        assert torch.allclose(feats, exact @ _explicit_kron_matrix(model, kron), atol=1e-5, rtol=1e-4)
+        held = any(la.columns is not None for la in kron.layers)
+        assert held == (hold_bytes > 0 and name != "mlp")  # an MLP (one position) never forms weight gradients
 
 
 def test_kron_position_and_gradient_forms_agree():
