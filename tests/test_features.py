@@ -267,3 +267,18 @@ def test_parameters_of_unsupported_layers_are_listed_by_name_and_left_out():
     exact = compute_features(src, x, y).phi
     feats = compute_features(src, x, y, kron).phi
     assert torch.allclose(feats, exact @ _explicit_kron_matrix(model, kron), atol=1e-5, rtol=1e-4)
+
+
+def test_kron_store_keys_change_only_for_models_with_newly_covered_layers():
+    """Features of MLPs are as they were (no key entry); models with norms or position tables get KRON_COVER,
+    unless their members differentiate only adapter weights (LoRA, adapter gradients)."""
+    from tda_core.lora import with_adapter
+    from tda_core.projections import KRON_COVER
+    from tda_core.specs import EnsembleSpec
+
+    def scheme(model: nn.Module) -> dict:
+        return KronProjection.model_scheme(GradientSource(model, all_param_names(model), False))
+
+    assert scheme(MLP(in_features=12, hidden=(9, 7), n_classes=4)) == {} == scheme(TinyConv()) == scheme(TinySeq())
+    assert scheme(_resnet()) == {"kron_cover": KRON_COVER} == scheme(_music())
+    assert scheme(with_adapter(_resnet(), EnsembleSpec("lora", lora_rank=2))) == {}
