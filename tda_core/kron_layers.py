@@ -286,7 +286,9 @@ class RelativePositionAdapter(LayerAdapter):
 
     def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
         b, t = gout.shape[0], gout.shape[-1]
-        g = F.pad(gout.reshape(b, -1, t), (layer.d_out - t, 0))  # rows before the last t: no gradient
+        g = gout.reshape(b, -1, t)
+        if t < layer.d_out:  # a window shorter than the table: rows before its last t get no gradient
+            g = F.pad(g, (layer.d_out - t, 0))
         return positions_features(layer, g, inp.reshape(b, -1, inp.shape[-1]))
 
 
