@@ -12,8 +12,9 @@ features. The projection matrix of the whole model is then the Kronecker columns
 appended: still an unbiased JL projection, over every parameter.
 
 An adapter says, for its module type, which parameters it covers, which call it reads (`call_site`), how to
-draw its sketches and how to turn one call's input and output gradient into the [B, k] contribution. To cover a new layer type, write one adapter and `register_layer` it here; parameters
-of types no adapter covers are listed by name as `uncovered` by the projection.
+draw its sketches and how to turn one call's input and output gradient into the [B, k] contribution. To cover
+a new layer type, write one adapter and `register_layer` it here; parameters of types no adapter covers are
+listed by name as `uncovered` by the projection.
 """
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ classes; to add a projection, subclass `FeatureMap` here and register it.
   blocks from (seed, block), held whole when it fits, else regenerated per chunk;
 - ``kron``: every covered layer's inputs and output gradients, captured in one batched forward/backward,
   projected separately and multiplied, summed over positions and layers (tda_core/kron_layers.py): a JL
-  projection whose columns are Kronecker products u (x) v, never materialised; small blocks (normalisation
-  scales and shifts, position tables) enter by their exact per-example gradients, dense-projected into the
-  same k features. Differentiated parameters that no layer adapter covers are listed by name in
-  `uncovered` (dense and exact gradients cover every parameter: their `uncovered` is empty).
+  projection whose columns are Kronecker products u (x) v (materialised per layer only where weight gradients
+  are formed, many positions, and memory allows); normalisation scales and shifts enter by their exact
+  per-example gradients, dense-projected into the same k features. Differentiated parameters that no layer
+  adapter covers are listed by name in `uncovered` (dense and exact gradients cover every parameter).
 """
 from __future__ import annotations
 
@@ -215,8 +215,11 @@ class KronProjection(FeatureMap):
     Feature r = k^-1/2 * sum over layers l and positions t of (u_lr . g_t)(v_lr . a_t), with g_t the
     layer's output gradient, a_t its input (bias column appended) and u, v independent standard Gaussians:
     a product of two separate projections (inputs, output gradients), which is vec(G) projected by the
-    Kronecker-structured column u_lr (x) v_lr, G = sum_t g_t a_t^T the layer's weight gradient. Hence
-    E[phi(z) . phi(z')] = <grad(z), grad(z')>, and k is shared by all layers (no per-layer split).
+    Kronecker-structured column u_lr (x) v_lr, G = sum_t g_t a_t^T the layer's weight gradient. Exact blocks
+    (norm scales and shifts) add their exact per-example gradient times a dense Gaussian. Hence
+    E[phi(z) . phi(z')] = <grad(z), grad(z')> over every covered parameter, and k is shared by all layers (no
+    per-layer split). `hold_bytes`: memory for the Kronecker columns of layers that form weight gradients
+    (one matrix product per chunk instead of two contractions).
     """
 
     name, label = "kron", "Kronecker JL"
@@ -329,7 +332,8 @@ def _fired_positions(source: GradientSource, modules: list[tuple[str, nn.Module,
             seen[id(site)] = seen.get(id(site), 0) + adapter.positions(module, output)
         return hook
 
-    hooks = [adapter.call_site(module).register_forward_hook(hook_for(module, adapter)) for _, module, adapter in modules]
+    hooks = [adapter.call_site(module).register_forward_hook(hook_for(module, adapter))
+             for _, module, adapter in modules]
     try:
         with torch.no_grad(), masked(source.model, source.masks_for(slice(0, 1), device)):
             source.model(probe[0][:1].to(device))
