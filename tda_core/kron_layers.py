@@ -3,7 +3,9 @@
 For a Kronecker layer (Linear, Conv2d, Embedding) the per-example weight gradient is G = sum_t g_t a_t^T over
 its positions t (tokens, pixels), with g_t the output gradient and a_t the input (a constant 1 appended for a
 bias). The Kronecker JL feature r of that layer is u_r^T G v_r / sqrt(k): two separate sketches (u for the
-output side, v for the input side) multiplied, never a params x k matrix.
+output side, v for the input side) multiplied. With many positions the weight gradient is formed first and
+contracted with both sides, or, when the projection holds them, with the layer's Kronecker columns u_r (x) v_r
+in one matrix product.
 
 The relative-position table of attention is such a layer too (its logits q E^T, with (head, query) positions).
 Small parameter blocks (BatchNorm and LayerNorm scales and shifts) are exact blocks: their exact per-example
