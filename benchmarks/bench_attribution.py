@@ -4,7 +4,9 @@ Usage: python -m benchmarks.bench_attribution [--task mnist-mlp] [--k 2048] [--n
                                              [--seeds N]
 The base model comes from the store (trained once if missing). Each projection runs on a fresh
 temporary store holding only that checkpoint, so nothing is served from a feature cache. Prints
-seconds per member with their breakdown, dattri's seconds (cache + attribute), the ratios, and
+seconds per member with their breakdown, the floor (one forward + backward pass over every training example,
+batched, parameter gradients summed: what any gradient feature costs at least; best of a few batch sizes)
+and each member's ratio to it, dattri's seconds (cache + attribute), the ratios, and
 how well the score matrices agree (mean per-test Spearman and Pearson correlation; two independent
 random projections disagree on the ranks of the many near-zero scores, so Pearson is the clearer
 signal of agreement on the large ones). With --lds, also the LDS of every score matrix (ours and dattri's,
@@ -109,6 +111,11 @@ def main() -> None:
         parts = ", ".join(f"{name} {s:.2f}" for name, s in r.costs.breakdown.items()
                           if name not in ("base_train_s", "load_s", "finetune_s"))
         print(f"ours {label:10s}: {r.costs.serve_now_s:7.2f} s per member   ({parts})")
+    floor_s, floor_batch = forward_backward_floor(base.model, task, ds, device)
+    print(f"floor          : {floor_s:7.2f} s   (one forward + backward over all {ds.n_train} training examples, "
+          f"batches of {floor_batch})")
+    print("per member / floor: " + ", ".join(f"{label} {r.costs.serve_now_s / floor_s:.1f}x"
+                                            for label, r in results.items()))
     print(f"dense vs dense-fp32 scores: {agreement(results['dense'].scores, results['dense-fp32'].scores)}")
     print(f"kron vs dense scores: {agreement(results['kron'].scores, results['dense'].scores)}")
 
@@ -133,6 +140,25 @@ def main() -> None:
               f"agreement {agreement(r.scores, theirs)}")
     if args.lds:
         print_lds(task, ds, store, device, {**{k: r.scores for k, r in results.items()}, "dattri": theirs}, n_test)
+
+
+def forward_backward_floor(model: torch.nn.Module, task, ds, device: torch.device,
+                           batches: tuple[int, ...] = (32, 64, 128, 256)) -> tuple[float, int]:
+    """(seconds, batch size) of the fastest forward + backward pass of the attribution target over every training
+    example in batches (parameter gradients summed over the batch, as in training)."""
+    from tda_core.objectives import target
+
+    model = model.to(device).eval()
+    best = (float("inf"), 0)
+    for batch in batches:
+        t0 = time.perf_counter()
+        for start in range(0, ds.n_train, batch):
+            x, y = ds.x_train[start:start + batch].to(device), ds.y_train[start:start + batch].to(device)
+            model.zero_grad(set_to_none=True)
+            target(model(x), y, task.sequence).sum().backward()
+        best = min(best, (time.perf_counter() - t0, batch))
+    model.zero_grad(set_to_none=True)
+    return best
 
 
 def print_seed_spread(task, ds, store: Store, device: torch.device, n_test: int, seeds: int, fresh_run) -> None:

@@ -56,6 +56,7 @@ class Attribution:
     train_index: torch.Tensor
     test_index: torch.Tensor
     key: str
+    uncovered: list[str] = dataclasses.field(default_factory=list)  # parameters the projection left out
 
     def top(self, column: int, k: int = 5) -> list[int]:
         """Source indices of the k most helpful training examples for test column `column`."""
@@ -188,14 +189,18 @@ def _digest(t: torch.Tensor) -> str:
 def feature_key(member: Member, method: MethodSpec, device: torch.device, fisher_sample: int | None = None) -> str:
     """Store key of a member's training-set features (at the true labels, or at labels sampled for IF's Fisher)."""
     labels = {} if fisher_sample is None else {"labels": {"sampled": fisher_sample, "seed": method.seed}}
-    return spec_key({"checkpoint": member.base.key, "variant": member.variant,
-                     "projection": projection_class(method.proj).identity(method, member.proj_seed),
+    projection = projection_class(method.proj)
+    identity = projection.identity(method, member.proj_seed) | projection.model_scheme(member.train_source)
+    return spec_key({"checkpoint": member.base.key, "variant": member.variant, "projection": identity,
                      "device": device.type, "split": "train", **labels})
 
 
-def scheme_identity(method: MethodSpec) -> dict[str, str]:
-    """Store-key entries for schemes that changed under the same spec, so older results are never reused."""
-    return {**projection_class(method.proj).scheme, **method_record(method.name).scheme}
+def scheme_identity(method: MethodSpec, source: GradientSource | None = None) -> dict[str, str]:
+    """Store-key entries for schemes that changed under the same spec, so older results are never reused;
+    with `source` (what members differentiate), also the projection's entries for that model."""
+    projection = projection_class(method.proj)
+    model = projection.model_scheme(source) if source is not None else {}
+    return {**projection.scheme, **method_record(method.name).scheme, **model}
 
 
 def score_key(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, dataset: Dataset,
@@ -203,7 +208,7 @@ def score_key(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, datase
     """Store key of an attribution's final score matrices."""
     return spec_key({"task": task, "data": dataset_fingerprint(dataset), "method": method, "ensemble": ensemble,
                      "dampings": list(dampings), "test": _digest(test_pos), "device": device.type,
-                     **scheme_identity(method)})
+                     **scheme_identity(method, _sizing_source(task, ensemble))})
 
 
 def main_damping(method: MethodSpec) -> float | None:
@@ -260,11 +265,11 @@ def _request(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, ctx: Co
 
 
 def _attribution(request: _Request, by: dict[float | None, torch.Tensor], costs: Costs,
-                 members: list[str]) -> Attribution:
+                 members: list[str], uncovered: list[str]) -> Attribution:
     damped = {c: s for c, s in by.items() if c is not None}
     return Attribution(request.task, request.method, request.ensemble, by[request.main], damped, request.main,
                        costs, members, request.dataset.train_index.clone(),
-                       request.dataset.test_index[request.test_pos].clone(), request.key)
+                       request.dataset.test_index[request.test_pos].clone(), request.key, uncovered)
 
 
 def _stored_attribution(request: _Request, ctx: Context, t_call: float) -> Attribution | None:
@@ -274,7 +279,7 @@ def _stored_attribution(request: _Request, ctx: Context, t_call: float) -> Attri
         return None
     costs = Costs(**{**found.meta["costs"], "serve_now_s": time.perf_counter() - t_call, "from_store": True})
     by = {c: found.tensors["scores" if c == request.main else f"c={c}"] for c in request.dampings}
-    return _attribution(request, by, costs, found.meta["members"])
+    return _attribution(request, by, costs, found.meta["members"], found.meta.get("uncovered", []))
 
 
 def _train_features(member: Member, method: MethodSpec, dataset: Dataset, ctx: Context, feature_map: FeatureMap,
@@ -297,7 +302,7 @@ def _train_features(member: Member, method: MethodSpec, dataset: Dataset, ctx: C
         if fisher_sample is not None:
             f.timings["sample_labels_s"] = sample_s
         return {"phi": f.phi, "p": f.p}, {"timings": f.timings, "member": member.description,
-                                           "k": int(f.phi.shape[1])}
+                                           "k": int(f.phi.shape[1]), "uncovered": list(feature_map.uncovered)}
 
     art, loaded = ctx.store.get_or_create(FEATURE_KIND, key, compute)
     timings = art.meta["timings"]
@@ -306,15 +311,17 @@ def _train_features(member: Member, method: MethodSpec, dataset: Dataset, ctx: C
 
 
 def _score_member(member: Member, request: _Request, ctx: Context, ledger: Ledger,
-                  feature_bytes: dict[str, int]) -> MemberScores:
+                  feature_bytes: dict[str, int], uncovered: dict[str, None]) -> MemberScores:
     """One member's scores: its feature map, training features (cached) per label set, test features, the
-    forward-only Q where the method uses one, and the method's scorer. Costs go to `ledger`."""
+    forward-only Q where the method uses one, and the method's scorer. Costs go to `ledger`, the names of
+    parameters its projection leaves out to `uncovered`."""
     t_member = time.perf_counter()
     method, dataset, dev = request.method, request.dataset, ctx.device
     ledger.add({"finetune_s": member.finetune_s})
     ledger.space_bytes += member.adapter_bytes
     feature_map = projection_class(method.proj).build(member.train_source, method, member.proj_seed, dev,
                                                       (dataset.x_train[:1], dataset.y_train[:1]), memory_budget(dev))
+    uncovered.update(dict.fromkeys(feature_map.uncovered))
     train_sets, cached_s = {}, 0.0
     for sample in label_sets(method):
         feats, recorded_s, nbytes, fkey, loaded = _train_features(member, method, dataset, ctx, feature_map, sample)
@@ -367,18 +374,18 @@ def attribute(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, 
     t_serve = time.perf_counter()
     ledger.add({"base_train_s": sum(b.train_s for b in bases), "load_s": sum(b.load_s for b in bases)})
     ledger.space_bytes += sum(b.nbytes for b in bases)
-    average, members, feature_bytes, finetune_now = MemberAverage(), [], {}, 0.0
+    average, members, feature_bytes, uncovered, finetune_now = MemberAverage(), [], {}, {}, 0.0
     for i, member in enumerate(build_members(task, ensemble, method, bases, request.dataset, ctx.store,
                                              ctx.device, request.test_pos)):
         members.append(member.description)
         finetune_now += member.finetune_now_s
-        average.add(_score_member(member, request, ctx, ledger, feature_bytes))
+        average.add(_score_member(member, request, ctx, ledger, feature_bytes, uncovered))
         report(ctx.progress, i + 1, ensemble.n_members, "members")
-    return _finish(request, ctx, ledger, average, members, feature_bytes, t_serve + finetune_now)
+    return _finish(request, ctx, ledger, average, members, feature_bytes, list(uncovered), t_serve + finetune_now)
 
 
 def _finish(request: _Request, ctx: Context, ledger: Ledger, average: MemberAverage, members: list[str],
-            feature_bytes: dict[str, int], t_serve: float) -> Attribution:
+            feature_bytes: dict[str, int], uncovered: list[str], t_serve: float) -> Attribution:
     """Average the members, close the costs and save the score matrices (`t_serve`: when serving started,
     moved later by the seconds spent fine-tuning)."""
     with ledger.time("combine_s"):
@@ -391,5 +398,6 @@ def _finish(request: _Request, ctx: Context, ledger: Ledger, average: MemberAver
                                                    if c is not None and c != request.main}
     ctx.store.save(SCORE_KIND, request.key, tensors,
                    {"costs": costs.to_dict(), "members": members, "task": request.task.name,
-                    "method": request.method.name, "ensemble": request.ensemble.kind, "damping": request.main})
-    return _attribution(request, result, costs, members)
+                    "method": request.method.name, "ensemble": request.ensemble.kind, "damping": request.main,
+                    "uncovered": uncovered})
+    return _attribution(request, result, costs, members, uncovered)

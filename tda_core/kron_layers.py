@@ -1,37 +1,70 @@
 """Layer types the Kronecker projection covers: one small adapter per module type, registered by type.
 
-For a covered layer the per-example weight gradient is G = sum_t g_t a_t^T over its positions t (tokens,
-pixels), with g_t the output gradient and a_t the input (a constant 1 appended for a bias). The Kronecker JL
-feature r of that layer is u_r^T G v_r / sqrt(k): two separate sketches (u for the output side, v for the
-input side) multiplied, never a params x k matrix. An adapter says, for its module type, which parameters
-it covers, the two sides' sizes, and how to turn one call's input and output gradient into the [B, k]
-contribution. To cover a new layer type, write one adapter and `register_layer` it here.
+For a Kronecker layer (Linear, Conv2d, Embedding) the per-example weight gradient is G = sum_t g_t a_t^T over
+its positions t (tokens, pixels), with g_t the output gradient and a_t the input (a constant 1 appended for a
+bias). The Kronecker JL feature r of that layer is u_r^T G v_r / sqrt(k): two separate sketches (u for the
+output side, v for the input side) multiplied. With many positions the weight gradient is formed first and
+contracted with both sides, or, when the projection holds them, with the layer's Kronecker columns u_r (x) v_r
+in one matrix product.
+
+The relative-position table of attention is such a layer too (its logits q E^T, with (head, query) positions).
+Small parameter blocks (BatchNorm and LayerNorm scales and shifts) are exact blocks: their exact per-example
+gradient g [B, n] is projected by a dense standard Gaussian P [n, k], g P / sqrt(k), and added to the same k
+features. The projection matrix of the whole model is then the Kronecker columns with these dense rows
+appended: still an unbiased JL projection, over every parameter.
+
+An adapter says, for its module type, which parameters it covers, which call it reads (`call_site`), how to
+draw its sketches and how to turn one call's input and output gradient into the [B, k] contribution. To cover
+a new layer type, write one adapter and `register_layer` it here; parameters of types no adapter covers are
+listed by name as `uncovered` by the projection.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .features import derive_seed
+from .models.music_transformer import SelfAttention
 
 
 @dataclasses.dataclass
 class KronLayer:
-    """One covered layer inside a Kronecker projection: its module, side sizes and Gaussian sketches."""
+    """One covered layer inside a Kronecker projection: its module, adapter and Gaussian sketches."""
 
     name: str
     module: nn.Module
     adapter: LayerAdapter
-    d_out: int
-    d_in: int  # includes the bias column when the layer has a bias
-    u: torch.Tensor  # [d_out, k] standard Gaussian, sketches output gradients
-    v: torch.Tensor  # [d_in, k] standard Gaussian, sketches inputs
+    u: torch.Tensor  # [d_out, k] standard Gaussian, sketches output gradients (exact block: [n_block, k])
+    v: torch.Tensor | None  # [d_in, k] standard Gaussian, sketches inputs (None for an exact block)
+    hold_columns: bool = False  # keep the Kronecker columns for formed weight gradients (memory allowing)
+    columns: torch.Tensor | None = None  # [d_out * d_in, k]: column r is u_r (x) v_r, built on first use
 
     @property
     def k(self) -> int:
         return self.u.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.u.shape[0]
+
+    @property
+    def d_in(self) -> int:  # includes the bias column when the layer has a bias
+        return 0 if self.v is None else self.v.shape[0]
+
+    @property
+    def site(self) -> nn.Module:
+        """The module whose calls are hooked."""
+        return self.adapter.call_site(self.module)
+
+
+def gaussian(d: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A [d, width] standard Gaussian from `seed` (drawn on the CPU, so identical on every device)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d, width, generator=g).to(device)
 
 
 def combine_sketches(gu: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
@@ -39,18 +72,33 @@ def combine_sketches(gu: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
     return (gu * av).sum(1) / math.sqrt(gu.shape[-1])
 
 
+def kronecker_columns(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[d_out * d_in, k]: column r is vec(u_r v_r^T), row-major like a weight [d_out, d_in] flattened."""
+    return (u.unsqueeze(1) * v.unsqueeze(0)).reshape(-1, u.shape[1])
+
+
 def combine_gradient(layer: KronLayer, grad_w: torch.Tensor) -> torch.Tensor:
-    """[B, out, in] weight gradients G -> [B, k] with feature r = u_r^T G v_r (smaller side contracted last)."""
-    if layer.d_out <= layer.d_in:
-        return ((grad_w @ layer.v) * layer.u).sum(1) / math.sqrt(layer.k)
-    return ((grad_w.transpose(1, 2) @ layer.u) * layer.v).sum(1) / math.sqrt(layer.k)
+    """[B, out, in] weight gradients G -> [B, k] with feature r = u_r^T G v_r: one matrix product with the held
+    Kronecker columns, else both sides contracted per example (the smaller side last)."""
+    if layer.hold_columns:
+        if layer.columns is None:
+            layer.columns = kronecker_columns(layer.u, layer.v)
+        return grad_w.reshape(grad_w.shape[0], -1) @ layer.columns / math.sqrt(layer.k)
+    b, small_last = grad_w.shape[0], layer.d_out <= layer.d_in
+    side = grad_w if small_last else grad_w.transpose(1, 2)  # [B, small side, large side]
+    first, last = (layer.v, layer.u) if small_last else (layer.u, layer.v)
+    sketched = (side.reshape(-1, side.shape[2]) @ first).view(b, side.shape[1], -1)  # one product for the chunk
+    return sketched.mul_(last).sum(1) / math.sqrt(layer.k)
 
 
 def positions_features(layer: KronLayer, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """[B, k] from per-position output gradients g [B, T, out] and inputs a [B, T, in]: by summing sketches
-    over positions, or, when positions outnumber what the weight gradient costs, by forming it first."""
+    over positions, or, when positions outnumber what the weight gradient costs, by forming it first (laid out
+    so that its smaller side comes first in memory)."""
     if a.shape[1] * (layer.d_out + layer.d_in) > layer.d_out * layer.d_in:
-        return combine_gradient(layer, torch.bmm(g.transpose(1, 2), a))
+        if layer.d_out <= layer.d_in or layer.hold_columns:
+            return combine_gradient(layer, torch.bmm(g.transpose(1, 2), a))
+        return combine_gradient(layer, torch.bmm(a.transpose(1, 2), g).transpose(1, 2))
     return combine_sketches(g @ layer.u, a @ layer.v)
 
 
@@ -62,6 +110,9 @@ class LayerAdapter:
     """What the Kronecker projection needs to know about one module type."""
 
     module_type: type[nn.Module] = nn.Module
+    # True for the types covered since every parameter is (norms, position tables): the features of models with
+    # them changed, so their store keys carry the projection's coverage entry; MLP keys do not
+    extends_coverage: ClassVar[bool] = False
 
     def supports(self, module: nn.Module) -> bool:
         """False for configurations the adapter cannot express (their parameters count as uncovered)."""
@@ -76,11 +127,24 @@ class LayerAdapter:
         raise NotImplementedError
 
     def positions(self, module: nn.Module, output: torch.Tensor) -> int:
-        """Positions per example in one call (tokens, pixels), from the call's output."""
+        """Positions per example in one call (tokens, pixels), from the call's output: a call's [B, positions, k]
+        sketches bound the examples per chunk."""
         return output.numel() // output.shape[0] // output.shape[-1]
 
+    def sketches(self, name: str, module: nn.Module, k: int, seed: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(u [d_out, k], v [d_in, k]): the layer's Gaussian factors, drawn from (seed, layer name, side)."""
+        d_out, d_in = self.dims(module)
+        return (gaussian(d_out, k, derive_seed(seed, name, "out"), device),
+                gaussian(d_in, k, derive_seed(seed, name, "in"), device))
+
+    def call_site(self, module: nn.Module) -> nn.Module:
+        """The module whose calls' first input and output gradient the features need (hooked): the module
+        itself, or a parameter-free child through which it applies its parameter."""
+        return module
+
     def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
-        """[B, k] contribution of one call of the layer, from its input and its output's gradient."""
+        """[B, k] contribution of one call of the layer, from its first input and its output's gradient."""
         raise NotImplementedError
 
 
@@ -144,6 +208,93 @@ class EmbeddingAdapter(LayerAdapter):
         return combine_gradient(layer, grad_t.transpose(1, 2))
 
 
+class ExactBlockAdapter(LayerAdapter):
+    """A small parameter block covered by its exact per-example gradient [B, n] (its parameters' gradients
+    flattened in `param_names` order), projected by a dense standard Gaussian [n, k] / sqrt(k)."""
+
+    extends_coverage = True
+
+    def positions(self, module: nn.Module, output: torch.Tensor) -> int:
+        return 1  # no [B, positions, k] sketches: its [B, n] gradient is the size of a parameter block
+
+    def sketches(self, name: str, module: nn.Module, k: int, seed: int,
+                 device: torch.device) -> tuple[torch.Tensor, None]:
+        n = sum(getattr(module, p).numel() for p in self.param_names(module))
+        return gaussian(n, k, derive_seed(seed, name, "block"), device), None
+
+    def gradient(self, module: nn.Module, x: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+        """Exact per-example gradient [B, n] of the block's parameters, from one call's input and output gradient."""
+        raise NotImplementedError
+
+    def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+        return self.gradient(layer.module, inp, gout) @ layer.u / math.sqrt(layer.k)
+
+
+def _scale_shift_gradient(names: list[str], normalised: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+    """[B, n] gradients of an affine y = x_hat * weight + bias, given x_hat and dL/dy as [B, positions, n]."""
+    grads = {"weight": (gout * normalised).sum(1), "bias": gout.sum(1)}
+    return torch.cat([grads[name] for name in names], dim=1)
+
+
+class BatchNormAdapter(ExactBlockAdapter):
+    """BatchNorm (1d, 2d, 3d) normalising by its running statistics, as in eval mode, where each example's
+    gradient is its own: scale sum_pixels g * x_hat, shift sum_pixels g, per channel."""
+
+    module_type = nn.modules.batchnorm._BatchNorm
+
+    def supports(self, module: nn.Module) -> bool:
+        return module.track_running_stats and module.running_mean is not None
+
+    def param_names(self, module: nn.Module) -> list[str]:
+        return ["weight", "bias"] if module.affine else []
+
+    def gradient(self, module: nn.Module, x: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        normalised = F.batch_norm(x, module.running_mean, module.running_var, training=False, eps=module.eps)
+        return _scale_shift_gradient(self.param_names(module), normalised.reshape(b, c, -1).transpose(1, 2),
+                                     gout.reshape(b, c, -1).transpose(1, 2))
+
+
+class LayerNormAdapter(ExactBlockAdapter):
+    """nn.LayerNorm: each position normalised over the trailing `normalized_shape`; scale and shift gradients
+    summed over positions."""
+
+    module_type = nn.LayerNorm
+
+    def param_names(self, module: nn.Module) -> list[str]:
+        return [name for name in ("weight", "bias") if getattr(module, name, None) is not None]
+
+    def gradient(self, module: nn.Module, x: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+        n = math.prod(module.normalized_shape)
+        normalised = F.layer_norm(x, module.normalized_shape, eps=module.eps).reshape(x.shape[0], -1, n)
+        return _scale_shift_gradient(self.param_names(module), normalised, gout.reshape(x.shape[0], -1, n))
+
+
+class RelativePositionAdapter(LayerAdapter):
+    """The relative-position table E [max_len, d_head] of a `SelfAttention` (shared by its heads), through its
+    `rel_logits` call q E_slice^T: a linear layer without bias whose positions are (head, query) pairs, whose
+    outputs are the last t rows of the table (distances) and whose input side is d_head."""
+
+    module_type = SelfAttention
+    extends_coverage = True
+
+    def param_names(self, module: nn.Module) -> list[str]:
+        return ["rel"] if module.rel is not None else []
+
+    def call_site(self, module: nn.Module) -> nn.Module:
+        return module.rel_logits
+
+    def dims(self, module: nn.Module) -> tuple[int, int]:
+        return tuple(module.rel.shape)
+
+    def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+        b, t = gout.shape[0], gout.shape[-1]
+        g = gout.reshape(b, -1, t)
+        if t < layer.d_out:  # a window shorter than the table: rows before its last t get no gradient
+            g = F.pad(g, (layer.d_out - t, 0))
+        return positions_features(layer, g, inp.reshape(b, -1, inp.shape[-1]))
+
+
 LAYER_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}
 
 
@@ -162,5 +313,6 @@ def adapter_for(module: nn.Module) -> LayerAdapter | None:
     return None
 
 
-for _adapter in (LinearAdapter(), Conv2dAdapter(), EmbeddingAdapter()):
+for _adapter in (LinearAdapter(), Conv2dAdapter(), EmbeddingAdapter(), BatchNormAdapter(), LayerNormAdapter(),
+                 RelativePositionAdapter()):
     register_layer(_adapter)

@@ -1,6 +1,11 @@
 """LoRA adapters with peft: configuration on a model's declared targets, fine-tuning, and the store.
 
-Adapters are stored (never merged copies); a member is the base model plus one adapter.
+Adapters are stored (never merged copies); a member is the base model plus one adapter, nothing else.
+BatchNorm layers keep the base model's running statistics: fine-tuning runs them in eval mode (dropout
+stays on through explicit masks), so the function fine-tuned is the one attributed, and a member loaded
+from the store is bit-identical to the member just tuned. Adapters of models with BatchNorm carry
+`BATCHNORM_SCHEME` in their store keys (adapters tuned with train-mode BatchNorm differ); keys of models
+without BatchNorm are as they were.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from .store import Store, spec_key
 from .training import TrainedModel, dropout_rates
 
 ADAPTER_KIND = "adapters"
+BATCHNORM_SCHEME = "running statistics of the base model (eval-mode BatchNorm while fine-tuning)"
 
 
 def lora_config(model: nn.Module, ensemble: EnsembleSpec):  # noqa: ANN201 - a peft LoraConfig
@@ -51,9 +57,10 @@ def load_or_finetune_lora(task: TaskSpec, ensemble: EnsembleSpec, base: TrainedM
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     config = lora_config(base.model, ensemble)
+    batchnorm = {"batchnorm": BATCHNORM_SCHEME} if _batchnorms(base.model) else {}
     key = spec_key({"checkpoint": base.key, "rank": ensemble.lora_rank, "alpha": ensemble.lora_alpha,
                     "epochs": ensemble.lora_epochs, "lr": ensemble.lora_lr, "targets": sorted(config.target_modules),
-                    "seed": seed})
+                    "seed": seed, **batchnorm})
     peft_model = with_adapter(base.model, ensemble, seed).to(device)
 
     def compute():
@@ -68,9 +75,14 @@ def load_or_finetune_lora(task: TaskSpec, ensemble: EnsembleSpec, base: TrainedM
     return peft_model.eval(), float(art.meta["finetune_s"]), art.nbytes, key, loaded
 
 
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _finetune(peft_model: nn.Module, task: TaskSpec, dataset: Dataset, ensemble: EnsembleSpec, seed: int,
               device: torch.device) -> None:
-    """Adam on the adapter weights over the full training set, with the model's own dropout."""
+    """Adam on the adapter weights over the full training set, with the model's own dropout and its BatchNorm
+    layers in eval mode (normalising by, and leaving unchanged, the base model's running statistics)."""
     inner = peft_model.base_model.model
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if ensemble.lora_epochs == 0:
@@ -81,6 +93,8 @@ def _finetune(peft_model: nn.Module, task: TaskSpec, dataset: Dataset, ensemble:
     shuffle = torch.Generator().manual_seed(derive_seed(seed, "shuffle"))
     mask_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "dropout"))
     peft_model.train()
+    for bn in _batchnorms(peft_model):
+        bn.eval()
     for _ in range(ensemble.lora_epochs):
         for idx in torch.randperm(len(x), generator=shuffle).split(task.recipe.batch_size):
             idx = idx.to(device)

@@ -10,8 +10,10 @@ classes; to add a projection, subclass `FeatureMap` here and register it.
   blocks from (seed, block), held whole when it fits, else regenerated per chunk;
 - ``kron``: every covered layer's inputs and output gradients, captured in one batched forward/backward,
   projected separately and multiplied, summed over positions and layers (tda_core/kron_layers.py): a JL
-  projection whose columns are Kronecker products u (x) v, never materialised. Parameters outside covered
-  layers are counted in `uncovered`.
+  projection whose columns are Kronecker products u (x) v (materialised per layer only where weight gradients
+  are formed, many positions, and memory allows); normalisation scales and shifts enter by their exact
+  per-example gradients, dense-projected into the same k features. Differentiated parameters that no layer
+  adapter covers are listed by name in `uncovered` (dense and exact gradients cover every parameter).
 """
 from __future__ import annotations
 
@@ -33,8 +35,11 @@ from .specs import MethodSpec
 
 KRON_CHUNK_BYTES = 1 << 28
 KRON_FORM = "rank-one sketches summed over layers"  # in store keys: features of the per-layer form differ
+# in store keys only of members with layers covered since every parameter is (norms, position tables)
+KRON_COVER = "every parameter: norm scales and shifts exact and dense-projected, position tables Kronecker"
 DENSE_BLOCK_ENTRIES = 1 << 22  # entries per generated block of the dense JL matrix (fixes the stream)
-DENSE_HOLD_FRACTION = 0.5  # hold the whole dense matrix when it takes at most this share of the memory budget
+HOLD_FRACTION = 0.5  # hold a whole projection matrix (dense, Kronecker columns) when it takes at most this share
+# of the memory budget
 Step = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
 
 
@@ -45,6 +50,7 @@ class FeatureMap(abc.ABC):
     label: ClassVar[str]
     scheme: ClassVar[dict[str, str]] = {}  # store-key entries of schemes that changed under the same spec
     chunk: int  # examples per step
+    uncovered: tuple[str, ...] = ()  # names of differentiated parameters the features leave out
 
     @classmethod
     @abc.abstractmethod
@@ -56,6 +62,11 @@ class FeatureMap(abc.ABC):
     def identity(cls, method: MethodSpec, seed: int) -> dict:
         """What distinguishes this map's features in store keys."""
         return {"proj": cls.name, "dim": method.proj_dim, "seed": seed}
+
+    @classmethod
+    def model_scheme(cls, source: GradientSource) -> dict[str, str]:
+        """Store-key entries that depend on what a member differentiates (none unless a map says otherwise)."""
+        return {}
 
     @classmethod
     def feature_dim(cls, n_params: int, method: MethodSpec) -> int:
@@ -172,7 +183,7 @@ class DenseJL(FeatureMap):
     @classmethod
     def build(cls, source, method, seed, device, probe, budget) -> FeatureMap:  # noqa: ANN001
         matrix = DenseProjection(source.n_params, method.proj_dim, seed, device, method.dense_kind,
-                                 hold_bytes=int(budget * DENSE_HOLD_FRACTION), dtype=getattr(torch, method.proj_dtype))
+                                 hold_bytes=int(budget * HOLD_FRACTION), dtype=getattr(torch, method.proj_dtype))
         return cls(source, matrix, device)
 
     @classmethod
@@ -185,7 +196,7 @@ class DenseJL(FeatureMap):
     @classmethod
     def peak_bytes(cls, n_params: int, k: int, n_train: int, budget: int) -> int:
         whole = n_params * k * 4
-        matrix = whole if whole <= budget * DENSE_HOLD_FRACTION else DENSE_BLOCK_ENTRIES * 4
+        matrix = whole if whole <= budget * HOLD_FRACTION else DENSE_BLOCK_ENTRIES * 4
         return _gradient_chunk_bytes(n_params, n_train) + matrix
 
     def step(self, x, y, masks) -> Step:  # noqa: ANN001
@@ -198,26 +209,24 @@ class DenseJL(FeatureMap):
         return phi, p, {"grads_s": t1 - t0, "project_s": time.perf_counter() - t1 - gen_s, "gen_s": gen_s}
 
 
-def _gaussian(d: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(d, width, generator=g).to(device)
-
-
 class KronProjection(FeatureMap):
     """Kronecker-structured JL over all covered layers: k features, each a rank-one sketch of every layer.
 
     Feature r = k^-1/2 * sum over layers l and positions t of (u_lr . g_t)(v_lr . a_t), with g_t the
     layer's output gradient, a_t its input (bias column appended) and u, v independent standard Gaussians:
     a product of two separate projections (inputs, output gradients), which is vec(G) projected by the
-    Kronecker-structured column u_lr (x) v_lr, G = sum_t g_t a_t^T the layer's weight gradient. Hence
-    E[phi(z) . phi(z')] = <grad(z), grad(z')>, and k is shared by all layers (no per-layer split).
+    Kronecker-structured column u_lr (x) v_lr, G = sum_t g_t a_t^T the layer's weight gradient. Exact blocks
+    (norm scales and shifts) add their exact per-example gradient times a dense Gaussian. Hence
+    E[phi(z) . phi(z')] = <grad(z), grad(z')> over every covered parameter, and k is shared by all layers (no
+    per-layer split). `hold_bytes`: memory for the Kronecker columns of layers that form weight gradients
+    (one matrix product per chunk instead of two contractions).
     """
 
     name, label = "kron", "Kronecker JL"
     scheme = {"kron_form": KRON_FORM}
 
     def __init__(self, source: GradientSource, proj_dim: int, seed: int, device: torch.device,
-                 probe: tuple[torch.Tensor, torch.Tensor]) -> None:
+                 probe: tuple[torch.Tensor, torch.Tensor], hold_bytes: int = 0) -> None:
         self.source = source
         self.k = proj_dim
         candidates = _covered_modules(source)
@@ -225,43 +234,55 @@ class KronProjection(FeatureMap):
         # examples per chunk: the [B, positions, k] sketches of the busiest layer stay near KRON_CHUNK_BYTES
         self.chunk = max(1, min(512, KRON_CHUNK_BYTES // (4 * proj_dim * max(fired.values(), default=1))))
         self.layers: list[KronLayer] = []
-        covered = 0
+        covered: set[str] = set()
         for name, module, adapter in candidates:
-            if id(module) not in fired:  # called functionally (e.g. inside nn.MultiheadAttention): no hook fires
+            if id(adapter.call_site(module)) not in fired:  # called functionally (inside nn.MultiheadAttention)
                 continue
-            d_out, d_in = adapter.dims(module)
-            u = _gaussian(d_out, proj_dim, derive_seed(seed, name, "out"), device)
-            v = _gaussian(d_in, proj_dim, derive_seed(seed, name, "in"), device)
-            self.layers.append(KronLayer(name, module, adapter, d_out, d_in, u, v))
-            covered += sum(getattr(module, p).numel() for p in adapter.param_names(module))
-        self.uncovered = source.n_params - covered
+            u, v = adapter.sketches(name, module, proj_dim, seed, device)
+            self.layers.append(KronLayer(name, module, adapter, u, v))
+            covered.update(_qualified(name, adapter.param_names(module)))
+        self.uncovered = tuple(n for n in source.param_names if n not in covered)
         if not self.layers:
-            raise UserError("the Kronecker projection found no Linear, Conv2d or Embedding layer among the "
-                            "differentiated parameters; use --proj dense")
+            raise UserError("the Kronecker projection covers none of the differentiated parameters (no Linear, "
+                            "Conv2d, Embedding or normalisation layer among them); use --proj dense")
+        kronecker = [layer for layer in self.layers if layer.v is not None]
+        if _columns_bytes(kronecker) <= hold_bytes:  # layers that form weight gradients build their columns
+            for layer in kronecker:
+                layer.hold_columns = True
 
     @classmethod
     def build(cls, source, method, seed, device, probe, budget) -> FeatureMap:  # noqa: ANN001
-        return cls(source, method.proj_dim, seed, device, probe)
+        return cls(source, method.proj_dim, seed, device, probe, int(budget * HOLD_FRACTION))
 
     @classmethod
     def identity(cls, method: MethodSpec, seed: int) -> dict:
         return super().identity(method, seed) | {"kron_form": KRON_FORM}
 
     @classmethod
+    def model_scheme(cls, source: GradientSource) -> dict[str, str]:
+        """`KRON_COVER` when layers covered since every parameter is (norms, position tables) are among the
+        differentiated ones (features once computed without them differ); nothing otherwise: MLP keys stay."""
+        extended = any(adapter.extends_coverage for _, _, adapter in _covered_modules(source))
+        return {"kron_cover": KRON_COVER} if extended else {}
+
+    @classmethod
     def peak_bytes(cls, n_params: int, k: int, n_train: int, budget: int) -> int:
-        return 0  # the sketches are bounded per chunk by KRON_CHUNK_BYTES, counted with the features
+        """The Kronecker columns when held (at most those of every parameter); the sketches are bounded per
+        chunk by KRON_CHUNK_BYTES, counted with the features."""
+        whole = n_params * k * 4
+        return whole if whole <= budget * HOLD_FRACTION else 0
 
     def step(self, x, y, masks) -> Step:  # noqa: ANN001
         """One batched forward/backward with hooks on the covered layers, then their sketches."""
         t0 = time.perf_counter()
         source, model = self.source, self.source.model
-        by_module = {id(layer.module): layer for layer in self.layers}
+        by_module = {id(layer.site): layer for layer in self.layers}
         calls: list[tuple[KronLayer, torch.Tensor, torch.Tensor]] = []
 
         def hook(mod, inputs, output):
             calls.append((by_module[id(mod)], inputs[0].detach(), output))
 
-        hooks = [layer.module.register_forward_hook(hook) for layer in self.layers]
+        hooks = [layer.site.register_forward_hook(hook) for layer in self.layers]
         values, probs = [], []
         try:
             for m in source.average_masks or (masks,):
@@ -279,6 +300,14 @@ class KronProjection(FeatureMap):
         return phi, torch.stack(probs).mean(0), {"grads_s": t1 - t0, "project_s": time.perf_counter() - t1}
 
 
+def _columns_bytes(layers: list[KronLayer]) -> int:
+    return sum(layer.d_out * layer.d_in * layer.k * 4 for layer in layers)
+
+
+def _qualified(module_name: str, local: list[str]) -> list[str]:
+    return [f"{module_name}.{p}" if module_name else p for p in local]
+
+
 def _covered_modules(source: GradientSource) -> list[tuple[str, nn.Module, object]]:
     """(name, module, adapter) of every module of a covered type whose covered parameters are all differentiated."""
     wanted = set(source.param_names)
@@ -287,23 +316,24 @@ def _covered_modules(source: GradientSource) -> list[tuple[str, nn.Module, objec
         adapter = adapter_for(module)
         if adapter is None:
             continue
-        prefix = f"{name}." if name else ""
-        if all(prefix + p in wanted for p in adapter.param_names(module)):
+        names = _qualified(name, adapter.param_names(module))
+        if names and all(p in wanted for p in names):
             out.append((name, module, adapter))
     return out
 
 
 def _fired_positions(source: GradientSource, modules: list[tuple[str, nn.Module, object]],
                      probe: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict[int, int]:
-    """Positions (tokens, pixels) per example of each module that fires on one probe example, by id."""
+    """Positions (tokens, pixels) per example of each call site that fires on one probe example, by id."""
     seen: dict[int, int] = {}
 
-    def hook_for(adapter):
-        def hook(mod, inputs, output):
-            seen[id(mod)] = seen.get(id(mod), 0) + adapter.positions(mod, output)
+    def hook_for(module, adapter):
+        def hook(site, inputs, output):
+            seen[id(site)] = seen.get(id(site), 0) + adapter.positions(module, output)
         return hook
 
-    hooks = [module.register_forward_hook(hook_for(adapter)) for _, module, adapter in modules]
+    hooks = [adapter.call_site(module).register_forward_hook(hook_for(module, adapter))
+             for _, module, adapter in modules]
     try:
         with torch.no_grad(), masked(source.model, source.masks_for(slice(0, 1), device)):
             source.model(probe[0][:1].to(device))

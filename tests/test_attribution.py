@@ -182,3 +182,46 @@ def test_cli_errors_are_one_line(tiny_cli_task, capsys, monkeypatch):
                  "gauss-newton"]) == 2
     err = capsys.readouterr().err
     assert "'gauss-newton'" in err and "--proj none" in err and "--hessian fisher" in err
+
+
+# --- parameters the Kronecker projection cannot cover are named, in the features, the result and the CLI ---
+class GainMLP(nn.Module):
+    """An MLP with a layer type no Kronecker adapter covers (a learned per-feature gain)."""
+
+    dropout_layers = ()
+    lora_targets = ("fc", "head")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 16)
+        self.gain = nn.Module()
+        self.gain.scale = nn.Parameter(torch.ones(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x.flatten(1))) * self.gain.scale)
+
+
+@pytest.fixture
+def gain_task(monkeypatch):
+    monkeypatch.setitem(MODELS, "gain-mlp", GainMLP)
+    task = TaskSpec("digits-gain", "digits", "gain-mlp", (), Recipe(epochs=1, batch_size=64, lr=0.01))
+    monkeypatch.setitem(TASKS, "digits-gain", task)
+    return task
+
+
+def test_uncovered_parameters_are_listed_in_features_result_and_cli(store, gain_task, capsys):
+    kron = attribute(gain_task, MethodSpec("trak", "kron", proj_dim=64), EnsembleSpec(), store=store, device="cpu",
+                     test_positions=POS)
+    assert kron.uncovered == ["gain.scale"]
+    (feature_key,) = store.keys(FEATURE_KIND)
+    assert store.load(FEATURE_KIND, feature_key).meta["uncovered"] == ["gain.scale"]
+    again = attribute(gain_task, MethodSpec("trak", "kron", proj_dim=64), EnsembleSpec(), store=store, device="cpu",
+                      test_positions=POS)
+    assert again.costs.from_store and again.uncovered == ["gain.scale"]
+    dense = attribute(gain_task, MethodSpec("trak", "dense", proj_dim=64), EnsembleSpec(), store=store, device="cpu",
+                      test_positions=POS)
+    assert dense.uncovered == []
+    assert main(["attribute", "--task", "digits-gain", "--proj", "kron", "--proj-dim", "64", "--n-test", "4",
+                 "--json", "--device", "cpu", "--store", str(store.root)]) == 0
+    assert json.loads(capsys.readouterr().out)["uncovered"] == ["gain.scale"]

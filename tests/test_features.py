@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from tda_core.features import GradientSource, all_param_names, compute_features
-from tda_core.kron_layers import combine_gradient, combine_sketches
+from tda_core.kron_layers import ExactBlockAdapter, combine_gradient, combine_sketches
+from tda_core.models import MLP, MusicTransformer, ResNet9
 from tda_core.projections import DenseProjection, KronProjection
-from tda_core.models import MLP
 from tda_core.objectives import IGNORE, correct_probability, target
 
 
@@ -53,6 +53,21 @@ def _seq_data(n: int = 7, t: int = 5, vocab: int = 11) -> tuple[torch.Tensor, to
     return x, y
 
 
+def _resnet() -> nn.Module:
+    """ResNet-9 at width 0.125 on 8x8 images; BatchNorm running statistics of the data, not the defaults."""
+    model = ResNet9(n_classes=3, width=0.125, in_channels=1).train()
+    with torch.no_grad():
+        model(torch.rand(16, 1, 8, 8))
+    return model.eval()
+
+
+def _music() -> nn.Module:
+    """A small Music Transformer: relative attention (windows shorter than its table), LayerNorms, and dropout
+    on the attention probabilities too, so every dropout path is exercised under masks."""
+    return MusicTransformer(vocab_size=11, d_model=8, n_layers=2, n_heads=2, d_ff=12, max_len=7,
+                            attn_dropout=0.1).eval()
+
+
 def _cases():
     torch.manual_seed(0)
     mlp = MLP(in_features=12, hidden=(9, 7), n_classes=4).eval()
@@ -61,7 +76,10 @@ def _cases():
     xc, yc = torch.randn(6, 2, 7, 7), torch.randint(0, 5, (6,))
     seq = TinySeq().eval()
     xq, yq = _seq_data()
-    return [("mlp", mlp, xs, ys, False), ("conv", conv, xc, yc, False), ("seq", seq, xq, yq, True)]
+    resnet = _resnet()
+    xr, yr = torch.rand(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    return [("mlp", mlp, xs, ys, False), ("conv", conv, xc, yc, False), ("seq", seq, xq, yq, True),
+            ("resnet9", resnet, xr, yr, False), ("music", _music(), xq, yq, True)]
 
 
 @pytest.mark.parametrize("name,model,x,y,sequence", _cases(), ids=lambda v: v if isinstance(v, str) else "")
@@ -77,33 +95,45 @@ def test_exact_features_equal_autograd_loop(name, model, x, y, sequence):
 
 
 def _explicit_kron_matrix(model: nn.Module, kron: KronProjection) -> torch.Tensor:
-    """The n_params x k matrix the Kronecker features stand for: column r of layer l is vec(u_lr v_lr^T) / sqrt(k)."""
+    """The n_params x k matrix the Kronecker features stand for: column r of layer l is vec(u_lr v_lr^T) / sqrt(k);
+    an exact block's rows are its dense Gaussian's, split by parameter; an uncovered parameter's rows are zero."""
     layers = {la.name: la for la in kron.layers}
     blocks = []
     for pname, param in model.named_parameters():
-        module_name, kind = pname.rsplit(".", 1)
-        la = layers[module_name]
-        if isinstance(la.module, nn.Embedding):  # weight [vocab, dim]; u sketches dim, v sketches vocab
+        module_name, kind = pname.rsplit(".", 1) if "." in pname else ("", pname)
+        la = layers.get(module_name)
+        if pname in kron.uncovered:
+            cols = torch.zeros(param.numel(), kron.k)
+        elif isinstance(la.adapter, ExactBlockAdapter):
+            names = la.adapter.param_names(la.module)
+            sizes = [getattr(la.module, n).numel() for n in names]
+            cols = dict(zip(names, la.u.split(sizes)))[kind]
+        elif isinstance(la.module, nn.Embedding):  # weight [vocab, dim]; u sketches dim, v sketches vocab
             cols = torch.einsum("ir,or->ior", la.v, la.u)
-        elif kind == "weight":
-            v = la.v[:-1] if la.module.bias is not None else la.v
-            cols = torch.einsum("or,ir->oir", la.u, v)
-        else:  # bias: its input column is constant 1
+        elif kind == "bias":  # its input column is constant 1
             cols = la.u * la.v[-1]
+        else:  # a weight [out, in] (Conv2d: [out, in, kh, kw]) or a relative-position table [distances, d_head]
+            v = la.v[:-1] if getattr(la.module, "bias", None) is not None else la.v
+            cols = torch.einsum("or,ir->oir", la.u, v)
         blocks.append(cols.reshape(param.numel(), -1))
     return torch.cat(blocks) / kron.k ** 0.5
 
 
 @pytest.mark.parametrize("name,model,x,y,sequence", _cases(), ids=lambda v: v if isinstance(v, str) else "")
 def test_kron_features_equal_exact_gradients_times_their_kronecker_matrix(name, model, x, y, sequence):
-    """phi = grad^T P with P's columns Kronecker products u (x) v, on MLP, Conv2d and Embedding+Linear models."""
+    """phi = grad^T P with P's columns Kronecker products u (x) v (with the exact blocks' dense rows), over every
+    parameter of MLP, Conv2d, Embedding+Linear, ResNet-9 (BatchNorm) and Music Transformer (LayerNorm, relative
+    position tables) models."""
     src = GradientSource(model, all_param_names(model), sequence)
-    kron = KronProjection(src, 40, seed=0, device=torch.device("cpu"), probe=(x, y))
-    assert kron.uncovered == 0
     exact = compute_features(src, x, y).phi
-    feats = compute_features(src, x, y, kron, chunk=4).phi
-    assert feats.shape == (len(x), 40)
-    assert torch.allclose(feats, exact @ _explicit_kron_matrix(model, kron), atol=1e-5, rtol=1e-4)
+    for hold_bytes in (0, 1 << 30):  # formed weight gradients contracted per example, or by the held columns
+        kron = KronProjection(src, 40, seed=0, device=torch.device("cpu"), probe=(x, y), hold_bytes=hold_bytes)
+        assert kron.uncovered == ()
+        feats = compute_features(src, x, y, kron, chunk=4).phi
+        assert feats.shape == (len(x), 40)
+        assert torch.allclose(feats, exact @ _explicit_kron_matrix(model, kron), atol=1e-5, rtol=1e-4)
+        held = any(la.columns is not None for la in kron.layers)
+        assert held == (hold_bytes > 0 and name != "mlp")  # an MLP (one position) never forms weight gradients
 
 
 def test_kron_position_and_gradient_forms_agree():
@@ -174,3 +204,81 @@ def test_bfloat16_dense_projection_is_the_same_matrix_rounded():
     fast = DenseProjection(5000, 128, seed=2, device=torch.device("cpu"), dtype=torch.bfloat16)(g)
     assert fast.dtype == torch.float32
     assert float((fast - exact).norm() / exact.norm()) < 1e-2
+
+
+def test_music_kron_features_under_fixed_per_example_and_averaged_masks():
+    """The relative-position tables' per-example gradients are recomputed under the dropout masks of their call:
+    fixed masks, one mask per example, and the mask-mean target of several fixed masks all match exact gradients."""
+    from tda_core.models.dropout import fixed_masks, mask_shapes
+
+    torch.manual_seed(0)
+    model = _music()
+    x, y = _seq_data()
+    names = all_param_names(model)
+    shapes = mask_shapes(model, x[:1])
+    rates = {name: 0.5 for name in shapes}
+    assert any(name.endswith("attn.attn_drop") for name in shapes)
+    masks = [fixed_masks(shapes, rates, seed) for seed in range(len(x))]
+    per_example = {name: torch.stack([m[name] for m in masks]) for name in shapes}
+    sources = [GradientSource(model, names, True, masks[0]), GradientSource(model, names, True, per_example, True),
+               GradientSource(model, names, True, average_masks=masks[:3])]
+    for src in sources:
+        kron = KronProjection(src, 32, 0, torch.device("cpu"), (x, y))
+        assert kron.uncovered == ()
+        exact = compute_features(src, x, y, chunk=3).phi
+        feats = compute_features(src, x, y, kron, chunk=3).phi
+        assert torch.allclose(feats, exact @ _explicit_kron_matrix(model, kron), atol=1e-5, rtol=1e-4)
+    plain = compute_features(GradientSource(model, names, True), x, y).phi
+    assert not torch.allclose(plain, compute_features(sources[1], x, y).phi, atol=1e-3)  # the masks mattered
+
+
+class Gain(nn.Module):
+    """A layer type no adapter covers: one learned gain per feature."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class PartlyCovered(nn.Module):
+    """A grouped convolution (a configuration the Conv2d adapter cannot express) and a `Gain` layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = nn.Conv2d(2, 4, 3, groups=2)
+        self.norm = nn.BatchNorm2d(4)
+        self.gain = Gain(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gain(torch.relu(self.norm(self.grouped(x))).flatten(1)))
+
+
+def test_parameters_of_unsupported_layers_are_listed_by_name_and_left_out():
+    torch.manual_seed(0)
+    model = PartlyCovered().eval()
+    x, y = torch.randn(5, 2, 4, 4), torch.randint(0, 3, (5,))
+    src = GradientSource(model, all_param_names(model), False)
+    kron = KronProjection(src, 24, 0, torch.device("cpu"), (x, y))
+    assert kron.uncovered == ("grouped.weight", "grouped.bias", "gain.scale")
+    exact = compute_features(src, x, y).phi
+    feats = compute_features(src, x, y, kron).phi
+    assert torch.allclose(feats, exact @ _explicit_kron_matrix(model, kron), atol=1e-5, rtol=1e-4)
+
+
+def test_kron_store_keys_change_only_for_models_with_newly_covered_layers():
+    """Features of MLPs are as they were (no key entry); models with norms or position tables get KRON_COVER,
+    unless their members differentiate only adapter weights (LoRA, adapter gradients)."""
+    from tda_core.lora import with_adapter
+    from tda_core.projections import KRON_COVER
+    from tda_core.specs import EnsembleSpec
+
+    def scheme(model: nn.Module) -> dict:
+        return KronProjection.model_scheme(GradientSource(model, all_param_names(model), False))
+
+    assert scheme(MLP(in_features=12, hidden=(9, 7), n_classes=4)) == {} == scheme(TinyConv()) == scheme(TinySeq())
+    assert scheme(_resnet()) == {"kron_cover": KRON_COVER} == scheme(_music())
+    assert scheme(with_adapter(_resnet(), EnsembleSpec("lora", lora_rank=2))) == {}

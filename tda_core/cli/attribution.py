@@ -73,7 +73,8 @@ def cmd_attribute(args: argparse.Namespace) -> None:
                "breakdown": {k: round(v, 3) for k, v in c.breakdown.items()}, "members": result.members,
                "top": [{"test_index": int(result.test_index[j]), "top_train_indices": result.top(j, 5)}
                        for j in range(min(args.show, len(result.test_index)))],
-               "scores_shape": list(result.scores.shape), "saved": str(saved) if saved else None}
+               "scores_shape": list(result.scores.shape), "saved": str(saved) if saved else None,
+               "uncovered": result.uncovered}
     if args.json:
         emit(summary, True)
         return
@@ -81,6 +82,9 @@ def cmd_attribute(args: argparse.Namespace) -> None:
           f"{c.n_trained} trained model(s) on {c.device}; damping c={result.damping}")
     print(f"train {c.train_s:.2f} s, serve {c.serve_s:.2f} s (this call {c.serve_now_s:.2f} s), "
           f"space {c.space_bytes / 2**20:.1f} MiB")
+    if result.uncovered:
+        print(f"the {method.proj} projection left out {len(result.uncovered)} parameter tensor(s) no layer adapter "
+              f"covers: {', '.join(result.uncovered)}")
     emit(summary["top"], False)
     if saved:
         print(f"scores {tuple(result.scores.shape)} written to {saved}")

@@ -31,6 +31,16 @@ def skew(rel: torch.Tensor) -> torch.Tensor:
     return padded.reshape(*rel.shape[:-2], t + 1, t)[..., 1:, :]
 
 
+class RelativeLogits(nn.Module):
+    """Logits q . E_j of the queries against a slice E of a relative-position table, before skewing.
+
+    Parameter-free (the table stays on `SelfAttention`, under its name): a call site through which hooks see the
+    queries and the gradient of these logits, so the Kronecker projection covers the table like a layer."""
+
+    def forward(self, q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return q @ table.transpose(0, 1)
+
+
 class SelfAttention(nn.Module):
     """Causal multi-head self-attention, with learned relative position embeddings when `relative`.
 
@@ -46,6 +56,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         # one embedding per distance -(max_len - 1)..0, shared by the heads
         self.rel = nn.Parameter(torch.randn(max_len, self.d_head) * 0.02) if relative else None
+        self.rel_logits = RelativeLogits() if relative else None
         self.attn_drop = MaskableDropout(attn_dropout) if attn_dropout > 0 else nn.Identity()
         self.proj = nn.Linear(d_model, d_model)
         self.out_drop = MaskableDropout(dropout)
@@ -56,7 +67,7 @@ class SelfAttention(nn.Module):
         q = q / math.sqrt(self.d_head)
         scores = q @ k.transpose(-2, -1)  # (b, h, t, t)
         if self.rel is not None:
-            scores = scores + skew(q @ self.rel[self.rel.shape[0] - t:].transpose(0, 1))
+            scores = scores + skew(self.rel_logits(q, self.rel[self.rel.shape[0] - t:]))
         future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
         attn = self.attn_drop(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1))
         out = (attn @ v).transpose(1, 2).reshape(b, t, d)
