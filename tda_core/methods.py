@@ -53,6 +53,22 @@ def _cholesky_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (evecs @ (inv[:, None] * (evecs.T @ b.double()))).to(b.dtype)
 
 
+def gram_matrix(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """a^T b (b = a: the kernel Phi^T Phi) in float32."""
+    return a.T @ (a if b is None else b)
+
+
+def damped_solves(gram: torch.Tensor, rhs: torch.Tensor, lams: Mapping[float, float]) -> dict[float, torch.Tensor]:
+    """For each c: (gram + lams[c] I)^-1 rhs (float32 Cholesky per c)."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return {c: _cholesky_solve(gram + lam * eye, rhs) for c, lam in lams.items()}
+
+
+def score_products(phi: torch.Tensor, solutions: Mapping[float, torch.Tensor]) -> dict[float, torch.Tensor]:
+    """For each c: phi @ solutions[c]."""
+    return {c: phi @ x for c, x in solutions.items()}
+
+
 def kernel_scores(phi: torch.Tensor, phi_test: torch.Tensor, dampings: Sequence[float],
                   form: str = "auto") -> dict[float, torch.Tensor]:
     """For each c: phi (phi^T phi + lambda I)^-1 phi_test^T, lambda = c trace(phi^T phi) / min(n, k).
@@ -65,19 +81,9 @@ def kernel_scores(phi: torch.Tensor, phi_test: torch.Tensor, dampings: Sequence[
         raise ValueError(f"form must be auto, primal or dual, got {form!r}")
     trace = float((phi * phi).sum())
     lam_of = {c: c * trace / min(n, k) for c in dampings}
-    out = {}
     if form == "primal" or (form == "auto" and k <= n):
-        gram = phi.T @ phi
-        eye = torch.eye(k, dtype=phi.dtype, device=phi.device)
-        for c in dampings:
-            out[c] = phi @ _cholesky_solve(gram + lam_of[c] * eye, phi_test.T)
-    else:
-        gram = phi @ phi.T
-        cross = phi @ phi_test.T
-        eye = torch.eye(n, dtype=phi.dtype, device=phi.device)
-        for c in dampings:
-            out[c] = _cholesky_solve(gram + lam_of[c] * eye, cross)
-    return out
+        return score_products(phi, damped_solves(gram_matrix(phi), phi_test.T, lam_of))
+    return damped_solves(gram_matrix(phi.T), gram_matrix(phi.T, phi_test.T), lam_of)
 
 
 @dataclasses.dataclass
