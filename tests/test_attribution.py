@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tda_core.attribution import FEATURE_KIND, SCORE_KIND, attribute, plan
+from tda_core.attribution import FEATURE_KIND, SCORE_KIND, TEST_FEATURE_KIND, attribute, plan
 from tda_core.cli import main
 from tda_core.data import REGISTRY, Dataset, DatasetInfo, SourceStatus, load_dataset
 from tda_core.errors import UserError
@@ -46,7 +46,8 @@ def test_naive_trak_costs_indices_and_resume(store):
     # other dampings: a new score matrix, but the training-set features come from the cache
     swept = attribute(TINY, method, EnsembleSpec("naive", I=2), store=store, device="cpu", test_positions=POS,
                       dampings=[0.1, 10.0])
-    assert store.keys(FEATURE_KIND) == features
+    assert store.keys(FEATURE_KIND) == features and len(store.keys(TEST_FEATURE_KIND)) == 2  # test side cached too
+    assert {"cached_train_features_s", "cached_test_features_s"} <= set(swept.costs.breakdown)
     assert set(swept.scores_by_damping) == {0.1, 1.0, 10.0}
     assert torch.allclose(swept.scores_by_damping[1.0], result.scores, atol=1e-6)
     assert swept.costs.serve_s >= swept.costs.serve_now_s * 0.5  # recorded train-side seconds are included
