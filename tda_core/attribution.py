@@ -18,7 +18,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ from .device import describe_device
 from .ensembles import Member, base_seeds, build_members, check_setting, differentiated_model, member_labels
 from .errors import UserError
 from .features import Features, GradientSource, all_param_names, compute_features, derive_seed, sample_labels
-from .methods import MemberAverage, MemberScores, kernel_identity, member_scores
+from .methods import SOLVE_BATCH_BYTES, MemberAverage, MemberScores, kernel_identity, member_scores
 from .progress import Progress, report
 from .projections import FeatureMap
 from .specs import EnsembleSpec, MethodSpec, TaskSpec, method_record, projection_class
@@ -126,8 +126,10 @@ def estimate_peak_bytes(n_params: int, k: int, n_train: int, n_test: int, method
     f = 4
     projection = projection_class(method.proj).peak_bytes(n_params, k, n_train, budget)
     feats = (n_train * len(label_sets(method)) + n_test) * k * f
-    kernel = min(n_train, k) ** 2 * f * 3
-    scores = n_train * n_test * f * (n_dampings + 2)
+    side = min(n_train, k)
+    batch = max(side ** 2 * f, min(SOLVE_BATCH_BYTES, n_dampings * side ** 2 * f))
+    kernel = side ** 2 * f + 2 * batch  # the kernel, then the damped systems and their factors
+    scores = n_train * n_test * f * (2 * n_dampings + 2)  # one product for every c, then the running sums
     exact = 6 * n_test * n_params * f if method.hessian != "fisher" else 0
     return projection + feats + kernel + scores + exact
 
@@ -282,13 +284,15 @@ def _stored_attribution(request: _Request, ctx: Context, t_call: float) -> Attri
     return _attribution(request, by, costs, found.meta["members"])
 
 
-def _features(member: Member, method: MethodSpec, dataset: Dataset, ctx: Context, feature_map: FeatureMap,
-              fisher_sample: int | None = None, test_pos: torch.Tensor | None = None,
-              with_train: bool = False) -> tuple[Features, dict, int, str, bool]:
+def _features(member: Member, method: MethodSpec, dataset: Dataset, ctx: Context,
+              feature_map: Callable[[], tuple[FeatureMap, float]], fisher_sample: int | None = None,
+              test_pos: torch.Tensor | None = None, with_train: bool = False) -> tuple[Features, dict, int, str, bool]:
     """(features, metadata as recorded at first computation, bytes, key, loaded) of one split, cached: the
     training set (`test_pos` None; with `fisher_sample`, at labels drawn from the member's predictive
     distribution, IF's Fisher) or the test positions `test_pos` (`with_train`: computed in the same call as the
-    member's training-set features, so a held projection matrix was not generated again for them)."""
+    member's training-set features, so a held projection matrix was not generated again for them).
+    `feature_map()` gives the member's feature map and the seconds its building took now (0 once built), which
+    are recorded with these features as `setup_s`."""
     kind = FEATURE_KIND if test_pos is None else TEST_FEATURE_KIND
     key = feature_key(member, method, ctx.device, fisher_sample, test_pos)
 
@@ -304,8 +308,10 @@ def _features(member: Member, method: MethodSpec, dataset: Dataset, ctx: Context
                                                                  fisher_sample), device=ctx.device)
             what = "Fisher features (sampled labels)"
         sample_s = time.perf_counter() - t0
-        f = compute_features(source, x, labels, feature_map, device=ctx.device, progress=ctx.progress,
+        fmap, setup_s = feature_map()
+        f = compute_features(source, x, labels, fmap, device=ctx.device, progress=ctx.progress,
                              label=f"{what}: {member.description}")
+        f.timings["setup_s"] = setup_s
         if fisher_sample is not None:
             f.timings["sample_labels_s"] = sample_s
         meta = {"timings": f.timings, "member": member.description, "k": int(f.phi.shape[1])}
@@ -324,8 +330,17 @@ def _score_member(member: Member, request: _Request, ctx: Context, ledger: Ledge
     method, dataset, dev = request.method, request.dataset, ctx.device
     ledger.add({"finetune_s": member.finetune_s})
     ledger.space_bytes += member.adapter_bytes
-    feature_map = projection_class(method.proj).build(member.train_source, method, member.proj_seed, dev,
-                                                      (dataset.x_train[:1], dataset.y_train[:1]), memory_budget(dev))
+    built: list[FeatureMap] = []
+
+    def feature_map() -> tuple[FeatureMap, float]:  # built only when some features are not in the store
+        if built:
+            return built[0], 0.0
+        t0 = time.perf_counter()
+        built.append(projection_class(method.proj).build(member.train_source, method, member.proj_seed, dev,
+                                                         (dataset.x_train[:1], dataset.y_train[:1]),
+                                                         memory_budget(dev)))
+        return built[0], time.perf_counter() - t0
+
     train_sets, cached_s, computed = {}, 0.0, False
     for sample in label_sets(method):
         feats, meta, nbytes, fkey, loaded = _features(member, method, dataset, ctx, feature_map, sample)
