@@ -164,7 +164,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def kernel_rates(r, n_train: int, n_test: int, n_params: int, k: int, device: torch.device,  # noqa: ANN001
                  limits: dict[str, float]) -> str:
-    """Achieved GFLOP/s of a member's matrix products: the dense projection, the kernel Phi^T Phi, the score products."""
+    """Achieved GFLOP/s of a member's matrix products: dense projection, kernel Phi^T Phi, score products."""
     b, products = r.costs.breakdown, kernel_dtype(r.method, device)
     parts = []
     if r.method.proj == "dense" and b.get("project_s"):
@@ -185,7 +185,8 @@ def print_dense_kernels(n_params: int, k: int, device: torch.device, limits: dic
     threads = torch.get_num_threads()
     candidates = [(rows, "bfloat16", t) for rows in (256, 512, 1024, 2048) for t in sorted({1, threads})]
     candidates.append((1024, "float32", threads))
-    matrix = {dtype: torch.randn(n_params, k, device=device).to(getattr(torch, dtype)) for dtype in ("bfloat16", "float32")}
+    matrix = {dtype: torch.randn(n_params, k, device=device).to(getattr(torch, dtype))
+              for dtype in ("bfloat16", "float32")}
     grads = torch.randn(max(rows for rows, _, _ in candidates), n_params, device=device)
     measured = {}
     try:
@@ -228,7 +229,8 @@ def dattri_run(base, ds, n_test: int, k: int, device: torch.device, results: dic
     return theirs
 
 
-def print_run_serving(task, ds, store: Store, device: torch.device, member_s: float, grid_s: float) -> None:  # noqa: ANN001
+def print_run_serving(task, ds, store: Store, device: torch.device,  # noqa: ANN001
+                      member_s: float, grid_s: float) -> None:
     """`run` (damping tuned over the grid) from a store holding only the checkpoints and the ground truth: its
     serve_s per member against the benchmark's member figures."""
     from tda_core.evaluation import GROUND_TRUTH_KIND, ground_truth
