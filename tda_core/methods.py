@@ -28,6 +28,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from .features import Features, GradientSource
 from .objectives import per_example_loss
 from .registry import Registry
+from .timing import timed
 from .specs import MethodSpec, projection_class
 
 
@@ -137,34 +138,17 @@ def kernel_scores(phi: torch.Tensor, phi_test: torch.Tensor, dampings: Sequence[
         raise ValueError(f"form must be auto, primal or dual, got {form!r}")
     trace = float((phi * phi).sum())
     lam_of = {c: c * trace / min(n, k) for c in dampings}
-    clock = _Clock(timings)
     if form == "primal" or (form == "auto" and k <= n):
-        with clock("kernel_s"):
+        with timed(timings, "kernel_s"):
             gram = gram_matrix(phi, dtype=dtype)
-        with clock("solve_s"):
+        with timed(timings, "solve_s"):
             solutions = damped_solves(gram, phi_test.T, lam_of)
-        with clock("product_s"):
+        with timed(timings, "product_s"):
             return score_products(phi, solutions, dtype)
-    with clock("kernel_s"):
+    with timed(timings, "kernel_s"):
         gram, cross = gram_matrix(phi.T, dtype=dtype), gram_matrix(phi.T, phi_test.T, dtype)
-    with clock("solve_s"):
+    with timed(timings, "solve_s"):
         return damped_solves(gram, cross, lam_of)
-
-
-class _Clock:
-    """Adds the seconds of named blocks to a timings dict (when there is one)."""
-
-    def __init__(self, timings: dict[str, float] | None) -> None:
-        self.timings = timings
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.timings is not None:
-                self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 @dataclasses.dataclass
@@ -190,22 +174,21 @@ def fisher_scores(loss_rows: torch.Tensor, curvature_rows: torch.Tensor, phi_tes
     m, k = curvature_rows.shape
     psi = curvature_rows
     trace = float((psi * psi).sum()) / m
-    clock = _Clock(timings)
     if k <= m:
         lams = {c: c * trace / k for c in dampings}
-        with clock("kernel_s"):
+        with timed(timings, "kernel_s"):
             h = gram_matrix(psi, dtype=dtype) / m
-        with clock("solve_s"):
+        with timed(timings, "solve_s"):
             solutions = damped_solves(h, phi_test.T, lams)
-        with clock("product_s"):
+        with timed(timings, "product_s"):
             return score_products(loss_rows, solutions, dtype)
     # (Psi^T Psi/m + lam)^-1 = (I - Psi^T (m lam I + Psi Psi^T)^-1 Psi) / lam
     lams = {c: c * trace / m for c in dampings}
-    with clock("kernel_s"):
+    with timed(timings, "kernel_s"):
         gram, cross = gram_matrix(psi.T, dtype=dtype), gram_matrix(psi.T, phi_test.T, dtype)
-    with clock("solve_s"):
+    with timed(timings, "solve_s"):
         solved = damped_solves(gram, cross, {c: m * lam for c, lam in lams.items()})
-    with clock("product_s"), _products_in(dtype):
+    with timed(timings, "product_s"), _products_in(dtype):
         return {c: loss_rows @ ((phi_test.T - psi.T @ solved[c]) / lams[c]) for c in dampings}
 
 
