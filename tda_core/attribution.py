@@ -31,7 +31,7 @@ from .errors import UserError
 from .features import Features, GradientSource, all_param_names, compute_features, derive_seed, sample_labels
 from .methods import SOLVE_BATCH_BYTES, MemberAverage, MemberScores, kernel_identity, member_scores
 from .progress import Progress, report
-from .projections import FeatureMap
+from .projections import FeatureMap, reuse_dense_matrix
 from .specs import EnsembleSpec, MethodSpec, TaskSpec, method_record, projection_class
 from .store import Store, spec_key
 from .training import CHECKPOINT_KIND, checkpoint_key, dataset_fingerprint, init_model, load_or_train
@@ -402,12 +402,13 @@ def attribute(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, 
     ledger.add({"base_train_s": sum(b.train_s for b in bases), "load_s": sum(b.load_s for b in bases)})
     ledger.space_bytes += sum(b.nbytes for b in bases)
     average, members, feature_bytes, finetune_now = MemberAverage(), [], {}, 0.0
-    for i, member in enumerate(build_members(task, ensemble, method, bases, request.dataset, ctx.store,
-                                             ctx.device, request.test_pos)):
-        members.append(member.description)
-        finetune_now += member.finetune_now_s
-        average.add(_score_member(member, request, ctx, ledger, feature_bytes))
-        report(ctx.progress, i + 1, ensemble.n_members, "members")
+    with reuse_dense_matrix():  # members sharing a projection seed generate its dense matrix once
+        for i, member in enumerate(build_members(task, ensemble, method, bases, request.dataset, ctx.store,
+                                                 ctx.device, request.test_pos)):
+            members.append(member.description)
+            finetune_now += member.finetune_now_s
+            average.add(_score_member(member, request, ctx, ledger, feature_bytes))
+            report(ctx.progress, i + 1, ensemble.n_members, "members")
     return _finish(request, ctx, ledger, average, members, feature_bytes, t_serve + finetune_now)
 
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 import abc
 import math
 import time
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import ClassVar
 
 import torch
@@ -171,6 +173,21 @@ class DenseProjection:
         return out
 
 
+_LAST_MATRIX: ContextVar[dict | None] = ContextVar("last_dense_matrix", default=None)
+
+
+@contextmanager
+def reuse_dense_matrix() -> Iterator[None]:
+    """Inside the block, consecutive dense feature maps with the same projection seed and shape share one
+    `DenseProjection` (generated once): the members of one base model under a shared projection. Only the most
+    recent matrix is kept, so memory holds one matrix at a time."""
+    token = _LAST_MATRIX.set({})
+    try:
+        yield
+    finally:
+        _LAST_MATRIX.reset(token)
+
+
 class DenseJL(FeatureMap):
     """Exact per-sample gradients times a dense seeded JL matrix (`DenseProjection`)."""
 
@@ -188,8 +205,14 @@ class DenseJL(FeatureMap):
 
     @classmethod
     def build(cls, source, method, seed, device, probe, budget) -> FeatureMap:  # noqa: ANN001
+        shape = (source.n_params, method.proj_dim, seed, method.dense_kind, method.proj_dtype, str(device))
+        last = _LAST_MATRIX.get()
+        if last is not None and last.get("shape") == shape:
+            return cls(source, last["matrix"], device)  # generated (and counted) for an earlier member
         matrix = DenseProjection(source.n_params, method.proj_dim, seed, device, method.dense_kind,
                                  hold_bytes=int(budget * DENSE_HOLD_FRACTION), dtype=getattr(torch, method.proj_dtype))
+        if last is not None:
+            last.update(shape=shape, matrix=matrix)
         return cls(source, matrix, device)
 
     @classmethod

@@ -1,6 +1,7 @@
 """The public API and the `attribute` command: caching, costs, damping sweeps, budgets, sequences."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
@@ -54,6 +55,16 @@ def test_naive_trak_costs_indices_and_resume(store):
     single = attribute(TINY, dataclasses.replace(method, damping=10.0), EnsembleSpec("naive", I=2), store=store,
                        device="cpu", test_positions=POS)
     assert torch.allclose(single.scores, swept.scores_by_damping[10.0], atol=1e-6)
+
+
+def test_members_sharing_a_dense_projection_generate_it_once(store, tmp_path, monkeypatch):
+    method, ensemble = MethodSpec("trak", "dense", proj_dim=64), EnsembleSpec("dropout", I=1, D=2, shared_projection=True)
+    shared = attribute(TINY, method, ensemble, store=store, device="cpu", test_positions=POS)
+    generated = [store.load(FEATURE_KIND, key).meta["timings"]["gen_s"] > 0 for key in store.keys(FEATURE_KIND)]
+    assert sorted(generated) == [False, True]  # the second member reused the first one's matrix
+    monkeypatch.setattr("tda_core.attribution.reuse_dense_matrix", contextlib.nullcontext)
+    alone = attribute(TINY, method, ensemble, store=Store(tmp_path / "alone"), device="cpu", test_positions=POS)
+    assert torch.equal(shared.scores, alone.scores)
 
 
 def test_plan_lists_work_and_refuses_what_does_not_fit(store, monkeypatch):
