@@ -28,8 +28,8 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from .features import Features, GradientSource
 from .objectives import per_example_loss
 from .registry import Registry
-from .timing import timed
 from .specs import MethodSpec, projection_class
+from .timing import timed
 
 
 def weight_of(p: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,8 @@ def kernel_identity(method: MethodSpec, device: torch.device | str) -> dict[str,
 @contextmanager
 def _products_in(dtype: str) -> Iterator[None]:
     """Float32 matrix products inside run with bfloat16 products and float32 accumulation and results (oneDNN's
-    bf16 math mode) when `dtype` is 'bfloat16'; a no-op for 'float32'."""
+    bf16 math mode, a process-wide setting restored on exit) when `dtype` is 'bfloat16'; a no-op for 'float32'.
+    On CPUs oneDNN cannot run in bfloat16 the products stay float32."""
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"kernel dtype must be one of {KERNEL_DTYPES}, got {dtype!r}")
     if dtype == "float32":
