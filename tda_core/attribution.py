@@ -18,7 +18,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -29,14 +29,15 @@ from .device import describe_device
 from .ensembles import Member, base_seeds, build_members, check_setting, differentiated_model, member_labels
 from .errors import UserError
 from .features import Features, GradientSource, all_param_names, compute_features, derive_seed, sample_labels
-from .methods import MemberAverage, MemberScores, member_scores
+from .methods import SOLVE_BATCH_BYTES, MemberAverage, MemberScores, kernel_identity, member_scores
 from .progress import Progress, report
-from .projections import FeatureMap
+from .projections import FeatureMap, reuse_dense_matrix
 from .specs import EnsembleSpec, MethodSpec, TaskSpec, method_record, projection_class
 from .store import Store, spec_key
 from .training import CHECKPOINT_KIND, checkpoint_key, dataset_fingerprint, init_model, load_or_train
 
 FEATURE_KIND = "features"
+TEST_FEATURE_KIND = "test_features"
 SCORE_KIND = "scores"
 DEFAULT_DAMPING = 1.0
 
@@ -126,8 +127,10 @@ def estimate_peak_bytes(n_params: int, k: int, n_train: int, n_test: int, method
     f = 4
     projection = projection_class(method.proj).peak_bytes(n_params, k, n_train, budget)
     feats = (n_train * len(label_sets(method)) + n_test) * k * f
-    kernel = min(n_train, k) ** 2 * f * 3
-    scores = n_train * n_test * f * (n_dampings + 2)
+    side = min(n_train, k)
+    batch = max(side ** 2 * f, min(SOLVE_BATCH_BYTES, n_dampings * side ** 2 * f))
+    kernel = side ** 2 * f + 2 * batch  # the kernel, then the damped systems and their factors
+    scores = n_train * n_test * f * (2 * n_dampings + 2)  # one product for every c, then the running sums
     exact = 6 * n_test * n_params * f if method.hessian != "fisher" else 0
     return projection + feats + kernel + scores + exact
 
@@ -186,21 +189,26 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
-def feature_key(member: Member, method: MethodSpec, device: torch.device, fisher_sample: int | None = None) -> str:
-    """Store key of a member's training-set features (at the true labels, or at labels sampled for IF's Fisher)."""
+def feature_key(member: Member, method: MethodSpec, device: torch.device, fisher_sample: int | None = None,
+                test_pos: torch.Tensor | None = None) -> str:
+    """Store key of a member's training-set features (at the true labels, or at labels sampled for IF's Fisher),
+    or with `test_pos` of its features at those test positions."""
     labels = {} if fisher_sample is None else {"labels": {"sampled": fisher_sample, "seed": method.seed}}
     projection = projection_class(method.proj)
     identity = projection.identity(method, member.proj_seed) | projection.model_scheme(member.train_source)
+    split = {"split": "train"} if test_pos is None else {"split": "test", "test": _digest(test_pos)}
     return spec_key({"checkpoint": member.base.key, "variant": member.variant, "projection": identity,
-                     "device": device.type, "split": "train", **labels})
+                     "device": device.type, **split, **labels})
 
 
-def scheme_identity(method: MethodSpec, source: GradientSource | None = None) -> dict[str, str]:
-    """Store-key entries for schemes that changed under the same spec, so older results are never reused;
-    with `source` (what members differentiate), also the projection's entries for that model."""
+def scheme_identity(method: MethodSpec, device: torch.device, source: GradientSource | None = None
+                    ) -> dict[str, str]:
+    """Store-key entries for schemes that changed under the same spec, so older results are never reused: the
+    projection's, the method's and the kernel arithmetic's on `device`; with `source` (what members
+    differentiate), also the projection's entries for that model."""
     projection = projection_class(method.proj)
     model = projection.model_scheme(source) if source is not None else {}
-    return {**projection.scheme, **method_record(method.name).scheme, **model}
+    return {**projection.scheme, **method_record(method.name).scheme, **model, **kernel_identity(method, device)}
 
 
 def score_key(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, dataset: Dataset,
@@ -208,7 +216,7 @@ def score_key(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, datase
     """Store key of an attribution's final score matrices."""
     return spec_key({"task": task, "data": dataset_fingerprint(dataset), "method": method, "ensemble": ensemble,
                      "dampings": list(dampings), "test": _digest(test_pos), "device": device.type,
-                     **scheme_identity(method, _sizing_source(task, ensemble))})
+                     **scheme_identity(method, device, _sizing_source(task, ensemble))})
 
 
 def main_damping(method: MethodSpec) -> float | None:
@@ -282,60 +290,79 @@ def _stored_attribution(request: _Request, ctx: Context, t_call: float) -> Attri
     return _attribution(request, by, costs, found.meta["members"], found.meta.get("uncovered", []))
 
 
-def _train_features(member: Member, method: MethodSpec, dataset: Dataset, ctx: Context, feature_map: FeatureMap,
-                    fisher_sample: int | None = None) -> tuple[Features, float, int, str, bool]:
-    """(features, seconds recorded at first computation, bytes, key, loaded) of the training set, cached.
-    With `fisher_sample`, at labels drawn from the member's predictive distribution (IF's Fisher)."""
-    key = feature_key(member, method, ctx.device, fisher_sample)
+def _features(member: Member, method: MethodSpec, dataset: Dataset, ctx: Context,
+              feature_map: Callable[[], tuple[FeatureMap, float]], fisher_sample: int | None = None,
+              test_pos: torch.Tensor | None = None, with_train: bool = False) -> tuple[Features, dict, int, str, bool]:
+    """(features, metadata as recorded at first computation, bytes, key, loaded) of one split, cached: the
+    training set (`test_pos` None; with `fisher_sample`, at labels drawn from the member's predictive
+    distribution, IF's Fisher) or the test positions `test_pos` (`with_train`: computed in the same call as the
+    member's training-set features, so a held projection matrix was not generated again for them).
+    `feature_map()` gives the member's feature map and the seconds its building took now (0 once built), which
+    are recorded with these features as `setup_s`."""
+    kind = FEATURE_KIND if test_pos is None else TEST_FEATURE_KIND
+    key = feature_key(member, method, ctx.device, fisher_sample, test_pos)
 
     def compute():
         t0 = time.perf_counter()
-        labels, what = dataset.y_train, "train features"
+        if test_pos is not None:
+            source, x, labels = member.test_source, dataset.x_test[test_pos], dataset.y_test[test_pos]
+            what = "test features"
+        else:
+            source, x, labels, what = member.train_source, dataset.x_train, dataset.y_train, "train features"
         if fisher_sample is not None:
-            labels = sample_labels(member.train_source, dataset.x_train, dataset.y_train,
-                                   derive_seed(method.seed, "fisher", member.proj_seed, fisher_sample),
-                                   device=ctx.device)
+            labels = sample_labels(source, x, labels, derive_seed(method.seed, "fisher", member.proj_seed,
+                                                                 fisher_sample), device=ctx.device)
             what = "Fisher features (sampled labels)"
         sample_s = time.perf_counter() - t0
-        f = compute_features(member.train_source, dataset.x_train, labels, feature_map, device=ctx.device,
-                             progress=ctx.progress, label=f"{what}: {member.description}")
+        fmap, setup_s = feature_map()
+        f = compute_features(source, x, labels, fmap, device=ctx.device, progress=ctx.progress,
+                             label=f"{what}: {member.description}")
+        f.timings["setup_s"] = setup_s
         if fisher_sample is not None:
             f.timings["sample_labels_s"] = sample_s
-        return {"phi": f.phi, "p": f.p}, {"timings": f.timings, "member": member.description,
-                                           "k": int(f.phi.shape[1]), "uncovered": list(feature_map.uncovered)}
+        meta = {"timings": f.timings, "member": member.description, "k": int(f.phi.shape[1]),
+                "uncovered": list(fmap.uncovered)}
+        return {"phi": f.phi, "p": f.p}, meta | ({"with_train": with_train} if test_pos is not None else {})
 
-    art, loaded = ctx.store.get_or_create(FEATURE_KIND, key, compute)
-    timings = art.meta["timings"]
-    feats = Features(art.tensors["phi"].to(ctx.device), art.tensors["p"].to(ctx.device), timings)
-    return feats, float(sum(timings.values())), art.nbytes, key, loaded
+    art, loaded = ctx.store.get_or_create(kind, key, compute)
+    feats = Features(art.tensors["phi"].to(ctx.device), art.tensors["p"].to(ctx.device), art.meta["timings"])
+    return feats, art.meta, art.nbytes, key, loaded
 
 
 def _score_member(member: Member, request: _Request, ctx: Context, ledger: Ledger,
                   feature_bytes: dict[str, int], uncovered: dict[str, None]) -> MemberScores:
-    """One member's scores: its feature map, training features (cached) per label set, test features, the
-    forward-only Q where the method uses one, and the method's scorer. Costs go to `ledger`, the names of
+    """One member's scores: its feature map, training features per label set and test features (both cached),
+    the forward-only Q where the method uses one, and the method's scorer. Costs go to `ledger`, the names of
     parameters its projection leaves out to `uncovered`."""
     t_member = time.perf_counter()
     method, dataset, dev = request.method, request.dataset, ctx.device
     ledger.add({"finetune_s": member.finetune_s})
     ledger.space_bytes += member.adapter_bytes
-    feature_map = projection_class(method.proj).build(member.train_source, method, member.proj_seed, dev,
-                                                      (dataset.x_train[:1], dataset.y_train[:1]), memory_budget(dev))
-    uncovered.update(dict.fromkeys(feature_map.uncovered))
-    train_sets, cached_s = {}, 0.0
+    built: list[FeatureMap] = []
+
+    def feature_map() -> tuple[FeatureMap, float]:  # built only when some features are not in the store
+        if built:
+            return built[0], 0.0
+        t0 = time.perf_counter()
+        built.append(projection_class(method.proj).build(member.train_source, method, member.proj_seed, dev,
+                                                         (dataset.x_train[:1], dataset.y_train[:1]),
+                                                         memory_budget(dev)))
+        return built[0], time.perf_counter() - t0
+
+    train_sets, cached_s, computed = {}, 0.0, False
     for sample in label_sets(method):
-        feats, recorded_s, nbytes, fkey, loaded = _train_features(member, method, dataset, ctx, feature_map, sample)
+        feats, meta, nbytes, fkey, loaded = _features(member, method, dataset, ctx, feature_map, sample)
         feature_bytes[fkey] = nbytes
+        uncovered.update(dict.fromkeys(meta.get("uncovered", [])))
         train_sets[sample] = feats
-        if loaded:  # served from the store: its seconds as recorded when first computed
-            ledger.add({"cached_train_features_s": recorded_s})
-            cached_s += recorded_s
-        else:
-            ledger.add(feats.timings)
-    test_f = compute_features(member.test_source, dataset.x_test[request.test_pos],
-                              dataset.y_test[request.test_pos], feature_map, device=dev,
-                              label=f"test features: {member.description}")
-    ledger.add(test_f.timings)
+        cached_s += _count(ledger, feats.timings, loaded, "cached_train_features_s")
+        computed |= not loaded
+    test_f, meta, _, _, loaded = _features(member, method, dataset, ctx, feature_map, None, request.test_pos, computed)
+    cached_s += _count(ledger, test_f.timings, loaded, "cached_test_features_s")
+    # a feature map built (a projection matrix generated) again for the test side alone is not part of the full
+    # computation, which builds it once for both sides
+    again = ("setup_s", "gen_s")
+    regenerated_s = 0.0 if meta["with_train"] else sum(test_f.timings.get(name, 0.0) for name in again)
     q = None
     if member.forward_q is not None and method_record(method.name).uses_q:
         with ledger.time("q_s"):
@@ -343,12 +370,21 @@ def _score_member(member: Member, request: _Request, ctx: Context, ledger: Ledge
     scored = member_scores(method, train_sets[None], test_f, request.dampings, q, train_sets.get(0),
                            source=member.train_source, x_train=dataset.x_train.to(dev),
                            y_train=dataset.y_train.to(dev))
-    ledger.add({"solve_s": scored.solve_s})
-    # full cost: this member's work now, with cached train features at their recorded seconds
-    # (a dense matrix regenerated only for the test side is not part of the full computation)
-    now_s = time.perf_counter() - t_member
-    ledger.serve_s += now_s + (cached_s - test_f.timings.get("gen_s", 0.0) if cached_s else 0.0)
+    ledger.add(scored.timings)
+    # full cost: this member's work now, with cached features at their recorded seconds
+    ledger.serve_s += time.perf_counter() - t_member + cached_s - regenerated_s
     return scored
+
+
+def _count(ledger: Ledger, timings: dict[str, float], loaded: bool, cached_name: str) -> float:
+    """Put a feature set's seconds in the ledger; returns them when they were read from the store (served from
+    the cache: counted at their recorded seconds), else 0 (computed now: inside the member's wall clock)."""
+    if not loaded:
+        ledger.add(timings)
+        return 0.0
+    recorded = float(sum(timings.values()))
+    ledger.add({cached_name: recorded})
+    return recorded
 
 
 def attribute(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, *, store: Store | None = None,
@@ -375,12 +411,13 @@ def attribute(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, 
     ledger.add({"base_train_s": sum(b.train_s for b in bases), "load_s": sum(b.load_s for b in bases)})
     ledger.space_bytes += sum(b.nbytes for b in bases)
     average, members, feature_bytes, uncovered, finetune_now = MemberAverage(), [], {}, {}, 0.0
-    for i, member in enumerate(build_members(task, ensemble, method, bases, request.dataset, ctx.store,
-                                             ctx.device, request.test_pos)):
-        members.append(member.description)
-        finetune_now += member.finetune_now_s
-        average.add(_score_member(member, request, ctx, ledger, feature_bytes, uncovered))
-        report(ctx.progress, i + 1, ensemble.n_members, "members")
+    with reuse_dense_matrix():  # members sharing a projection seed generate its dense matrix once
+        for i, member in enumerate(build_members(task, ensemble, method, bases, request.dataset, ctx.store,
+                                                 ctx.device, request.test_pos)):
+            members.append(member.description)
+            finetune_now += member.finetune_now_s
+            average.add(_score_member(member, request, ctx, ledger, feature_bytes, uncovered))
+            report(ctx.progress, i + 1, ensemble.n_members, "members")
     return _finish(request, ctx, ledger, average, members, feature_bytes, list(uncovered), t_serve + finetune_now)
 
 

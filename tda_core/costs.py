@@ -1,17 +1,16 @@
 """Cost accounting attached to every attribution: training and serving seconds, bytes, counts.
 
 Serving seconds are reported two ways, both honest: `serve_s` is what the full computation
-costs (cached training-set features count with the seconds recorded when they were first
-computed), `serve_now_s` is the wall clock this call actually took (less when served from
+costs (cached features count with the seconds recorded when they were first computed), `serve_now_s` is the wall clock this call actually took (less when served from
 the store).
 """
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
+
+from .timing import timed
 
 
 @dataclasses.dataclass
@@ -44,13 +43,9 @@ class Ledger:
         for name, s in timings.items():
             self.seconds[prefix + name] += s
 
-    @contextmanager
-    def time(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - t0
+    def time(self, name: str) -> AbstractContextManager[None]:
+        """Add the seconds of a block to `seconds[name]`."""
+        return timed(self.seconds, name)
 
     def costs(self, n_trained: int, n_members: int, device: str, serve_now_s: float) -> Costs:
         """The record of a finished computation (training = base models + fine-tuning, as recorded)."""

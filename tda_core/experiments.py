@@ -121,7 +121,7 @@ def setting_key(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, eval
     if replicates > 1:  # keys of single-replicate rows stay as they were
         protocol["replicates"] = replicates
     return spec_key({"task": task, "method": method, "ensemble": ensemble, "eval": eval_spec,
-                     "device": device.type, "protocol": protocol, **attribution.scheme_identity(method)})
+                     "device": device.type, "protocol": protocol, **attribution.scheme_identity(method, device)})
 
 
 def replicate_specs(method: MethodSpec, ensemble: EnsembleSpec, r: int) -> tuple[MethodSpec, EnsembleSpec]:

@@ -133,8 +133,10 @@ def p_or_nan(logits: torch.Tensor, y: torch.Tensor, sequence: bool) -> torch.Ten
 GradientStep = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
 
-def per_sample_gradients(source: GradientSource, device: torch.device) -> GradientStep:
-    """A function (x, y, masks) -> (flat per-sample target gradients [B, n_params], p [B]) by vmap(grad)."""
+def per_sample_gradients(source: GradientSource, device: torch.device,
+                         dtype: torch.dtype = torch.float32) -> GradientStep:
+    """A function (x, y, masks) -> (flat per-sample target gradients [B, n_params], p [B]) by vmap(grad).
+    The gradients are computed in float32 and written once, rounded to `dtype`, into the flat rows."""
     model = source.model
     fixed = source.fixed_tensors()
 
@@ -152,9 +154,14 @@ def per_sample_gradients(source: GradientSource, device: torch.device) -> Gradie
     per_sample = vmap(grad(f, has_aux=True), in_dims=(None, 0, 0, mask_dims))
     params = {n: t.to(device) for n, t in source.params().items()}
 
+    sizes = [params[n].numel() for n in source.param_names]
+
     def run(x, y, masks):
         grads, p = per_sample(params, x, y, masks)
-        return torch.cat([grads[n].reshape(x.shape[0], -1) for n in source.param_names], dim=1), p
+        flat = torch.empty(x.shape[0], sum(sizes), dtype=dtype, device=x.device)
+        for part, n in zip(flat.split(sizes, dim=1), source.param_names):
+            part.copy_(grads.pop(n).reshape(x.shape[0], -1))
+        return flat, p
 
     return run
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
@@ -27,8 +28,8 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from .features import Features, GradientSource
 from .objectives import per_example_loss
 from .registry import Registry
-from .specs import MethodSpec
-
+from .specs import MethodSpec, projection_class
+from .timing import timed
 
 
 def weight_of(p: torch.Tensor) -> torch.Tensor:
@@ -41,43 +42,114 @@ def loss_weight(features: Features) -> torch.Tensor:
     return weight_of(features.p)
 
 
-def _cholesky_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Solve a x = b (a symmetric PD) by float32 Cholesky; float64 eigen-solve (pseudo-inverse) if that fails."""
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        x = torch.cholesky_solve(b, chol)
-        if torch.isfinite(x).all():
-            return x
+KERNEL_DTYPES = ("float32", "bfloat16")
+SOLVE_BATCH_BYTES = 1 << 28  # damped systems factorised together per batch (k x k float32 each)
+
+
+def kernel_dtype(method: MethodSpec, device: torch.device | str) -> str:
+    """Precision of the kernel and score products of projected features: 'bfloat16' (bfloat16 products summed
+    in float32 by oneDNN; solves stay float32) with the default `proj_dtype` on a CPU, else 'float32' (also for
+    exact gradients, the reference path)."""
+    projected = not projection_class(method.proj).exact
+    cpu = torch.device(device).type == "cpu"
+    return "bfloat16" if method.proj_dtype == "bfloat16" and projected and cpu else "float32"
+
+
+def kernel_identity(method: MethodSpec, device: torch.device | str) -> dict[str, str]:
+    """Store-key entry of a damped method's kernel precision (none for float32: those keys stay as they were)."""
+    if not METHODS.get(method.name).damped or kernel_dtype(method, device) == "float32":
+        return {}
+    return {"kernel_dtype": "bfloat16 products, float32 sums and solves"}
+
+
+@contextmanager
+def _products_in(dtype: str) -> Iterator[None]:
+    """Float32 matrix products inside run with bfloat16 products and float32 accumulation and results (oneDNN's
+    bf16 math mode, a process-wide setting restored on exit) when `dtype` is 'bfloat16'; a no-op for 'float32'.
+    On CPUs oneDNN cannot run in bfloat16 the products stay float32."""
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"kernel dtype must be one of {KERNEL_DTYPES}, got {dtype!r}")
+    if dtype == "float32":
+        yield
+        return
+    setting = torch.backends.mkldnn.matmul
+    before = setting.fp32_precision
+    setting.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        setting.fp32_precision = before
+
+
+def _pseudo_inverse_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve a x = b by a float64 eigen-solve (pseudo-inverse): the fallback when a Cholesky fails."""
     evals, evecs = torch.linalg.eigh(a.double())
     inv = torch.where(evals > evals.max() * 1e-10, 1.0 / evals, torch.zeros_like(evals))
     return (evecs @ (inv[:, None] * (evecs.T @ b.double()))).to(b.dtype)
 
 
-def kernel_scores(phi: torch.Tensor, phi_test: torch.Tensor, dampings: Sequence[float],
-                  form: str = "auto") -> dict[float, torch.Tensor]:
+def gram_matrix(a: torch.Tensor, b: torch.Tensor | None = None, dtype: str = "float32") -> torch.Tensor:
+    """a^T b (b = a: the kernel Phi^T Phi), float32, with products in `dtype`."""
+    with _products_in(dtype):
+        return a.T @ (a if b is None else b)
+
+
+def damped_solves(gram: torch.Tensor, rhs: torch.Tensor, lams: Mapping[float, float]) -> dict[float, torch.Tensor]:
+    """For each c: (gram + lams[c] I)^-1 rhs, by float32 Cholesky factorisations batched over c (a float64
+    pseudo-inverse for a c whose factorisation fails)."""
+    k = gram.shape[0]
+    per_batch = max(1, SOLVE_BATCH_BYTES // (k * k * gram.element_size()))
+    items, out = list(lams.items()), {}
+    diagonal = torch.arange(k, device=gram.device)
+    for start in range(0, len(items), per_batch):
+        part = items[start:start + per_batch]
+        systems = gram.expand(len(part), k, k).clone()
+        systems[:, diagonal, diagonal] += torch.tensor([lam for _, lam in part], dtype=gram.dtype,
+                                                       device=gram.device)[:, None]
+        chol, info = torch.linalg.cholesky_ex(systems)
+        solved = torch.cholesky_solve(rhs.expand(len(part), *rhs.shape), chol)
+        for i, (c, _) in enumerate(part):
+            ok = int(info[i]) == 0 and bool(torch.isfinite(solved[i]).all())
+            out[c] = solved[i] if ok else _pseudo_inverse_solve(systems[i], rhs)
+    return out
+
+
+def score_products(phi: torch.Tensor, solutions: Mapping[float, torch.Tensor],
+                   dtype: str = "float32") -> dict[float, torch.Tensor]:
+    """For each c: phi @ solutions[c], all c in one product (products in `dtype`, float32 results)."""
+    cs = list(solutions)
+    if not cs:
+        return {}
+    with _products_in(dtype):
+        joined = phi @ torch.cat([solutions[c] for c in cs], dim=1)
+    return dict(zip(cs, joined.split(solutions[cs[0]].shape[1], dim=1)))
+
+
+def kernel_scores(phi: torch.Tensor, phi_test: torch.Tensor, dampings: Sequence[float], form: str = "auto",
+                  dtype: str = "float32", timings: dict[str, float] | None = None) -> dict[float, torch.Tensor]:
     """For each c: phi (phi^T phi + lambda I)^-1 phi_test^T, lambda = c trace(phi^T phi) / min(n, k).
 
     `form` 'primal' solves with the k x k kernel, 'dual' with the n x n Gram matrix (push-through identity:
-    phi (phi^T phi + lam)^-1 = (phi phi^T + lam)^-1 phi); 'auto' takes the smaller one.
+    phi (phi^T phi + lam)^-1 = (phi phi^T + lam)^-1 phi); 'auto' takes the smaller one. `dtype`: precision of
+    the kernel's and the scores' products ('bfloat16': bfloat16 products summed in float32); solves are float32.
+    `timings` (if given) gets the seconds of the kernel, the solves and the score products added.
     """
     n, k = phi.shape
     if form not in ("auto", "primal", "dual"):
         raise ValueError(f"form must be auto, primal or dual, got {form!r}")
     trace = float((phi * phi).sum())
     lam_of = {c: c * trace / min(n, k) for c in dampings}
-    out = {}
     if form == "primal" or (form == "auto" and k <= n):
-        gram = phi.T @ phi
-        eye = torch.eye(k, dtype=phi.dtype, device=phi.device)
-        for c in dampings:
-            out[c] = phi @ _cholesky_solve(gram + lam_of[c] * eye, phi_test.T)
-    else:
-        gram = phi @ phi.T
-        cross = phi @ phi_test.T
-        eye = torch.eye(n, dtype=phi.dtype, device=phi.device)
-        for c in dampings:
-            out[c] = _cholesky_solve(gram + lam_of[c] * eye, cross)
-    return out
+        with timed(timings, "kernel_s"):
+            gram = gram_matrix(phi, dtype=dtype)
+        with timed(timings, "solve_s"):
+            solutions = damped_solves(gram, phi_test.T, lam_of)
+        with timed(timings, "product_s"):
+            return score_products(phi, solutions, dtype)
+    with timed(timings, "kernel_s"):
+        gram, cross = gram_matrix(phi.T, dtype=dtype), gram_matrix(phi.T, phi_test.T, dtype)
+    with timed(timings, "solve_s"):
+        return damped_solves(gram, cross, lam_of)
 
 
 @dataclasses.dataclass
@@ -86,7 +158,7 @@ class MemberScores:
 
     by_damping: dict[float | None, torch.Tensor]
     q: torch.Tensor | None
-    solve_s: float
+    timings: dict[str, float]  # kernel_s, product_s (damped methods) and solve_s: the rest of the scoring
 
 
 def fisher_rows(curvature: Features) -> torch.Tensor:
@@ -95,26 +167,30 @@ def fisher_rows(curvature: Features) -> torch.Tensor:
 
 
 def fisher_scores(loss_rows: torch.Tensor, curvature_rows: torch.Tensor, phi_test: torch.Tensor,
-                  dampings: Sequence[float]) -> dict[float, torch.Tensor]:
+                  dampings: Sequence[float], dtype: str = "float32",
+                  timings: dict[str, float] | None = None) -> dict[float, torch.Tensor]:
     """For each c: loss_rows (H + lambda I)^-1 phi_test^T, H = Psi^T Psi / m (Psi = curvature_rows, m rows),
-    lambda = c trace(H) / min(m, k). k x k Cholesky when k <= m, else Woodbury on the m x m Gram matrix."""
+    lambda = c trace(H) / min(m, k). k x k Cholesky when k <= m, else Woodbury on the m x m Gram matrix.
+    `dtype` and `timings` as in `kernel_scores`."""
     m, k = curvature_rows.shape
     psi = curvature_rows
     trace = float((psi * psi).sum()) / m
-    out = {}
     if k <= m:
-        h = psi.T @ psi / m
-        eye = torch.eye(k, dtype=psi.dtype, device=psi.device)
-        for c in dampings:
-            out[c] = loss_rows @ _cholesky_solve(h + c * trace / k * eye, phi_test.T)
-    else:  # (Psi^T Psi/m + lam)^-1 = (I - Psi^T (m lam I + Psi Psi^T)^-1 Psi) / lam
-        gram, cross = psi @ psi.T, psi @ phi_test.T
-        eye = torch.eye(m, dtype=psi.dtype, device=psi.device)
-        for c in dampings:
-            lam = c * trace / m
-            sol = (phi_test.T - psi.T @ _cholesky_solve(gram + m * lam * eye, cross)) / lam
-            out[c] = loss_rows @ sol
-    return out
+        lams = {c: c * trace / k for c in dampings}
+        with timed(timings, "kernel_s"):
+            h = gram_matrix(psi, dtype=dtype) / m
+        with timed(timings, "solve_s"):
+            solutions = damped_solves(h, phi_test.T, lams)
+        with timed(timings, "product_s"):
+            return score_products(loss_rows, solutions, dtype)
+    # (Psi^T Psi/m + lam)^-1 = (I - Psi^T (m lam I + Psi Psi^T)^-1 Psi) / lam
+    lams = {c: c * trace / m for c in dampings}
+    with timed(timings, "kernel_s"):
+        gram, cross = gram_matrix(psi.T, dtype=dtype), gram_matrix(psi.T, phi_test.T, dtype)
+    with timed(timings, "solve_s"):
+        solved = damped_solves(gram, cross, {c: m * lam for c, lam in lams.items()})
+    with timed(timings, "product_s"), _products_in(dtype):
+        return {c: loss_rows @ ((phi_test.T - psi.T @ solved[c]) / lams[c]) for c in dampings}
 
 
 class MemberAverage:
@@ -222,6 +298,8 @@ class ScoringInputs:
     test: Features
     curvature: Features | None = None  # features at labels sampled from the member (methods with curvature_draws)
     q: torch.Tensor | None = None  # forward-only Q (dropout-forward) replacing the member's own 1 - p
+    dtype: str = "float32"  # precision of kernel and score products (`kernel_dtype`)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # a scorer may add named seconds
     source: GradientSource | None = None  # the training side's gradient source (references by CG)
     x_train: torch.Tensor | None = None
     y_train: torch.Tensor | None = None
@@ -252,7 +330,7 @@ class Method:
 
 def _score_trak(inputs: ScoringInputs, dampings: Sequence[float | None]) -> tuple[dict, torch.Tensor | None]:
     q = loss_weight(inputs.train) if inputs.q is None else inputs.q
-    return kernel_scores(inputs.train.phi, inputs.test.phi, dampings), q
+    return kernel_scores(inputs.train.phi, inputs.test.phi, dampings, dtype=inputs.dtype, timings=inputs.timings), q
 
 
 def _score_if(inputs: ScoringInputs, dampings: Sequence[float | None]) -> tuple[dict, torch.Tensor | None]:
@@ -260,7 +338,7 @@ def _score_if(inputs: ScoringInputs, dampings: Sequence[float | None]) -> tuple[
         raise ValueError("IF needs curvature features (loss gradients at sampled labels)")
     w = loss_weight(inputs.train)
     return fisher_scores(w[:, None] * inputs.train.phi, fisher_rows(inputs.curvature), inputs.test.phi,
-                         dampings), None
+                         dampings, inputs.dtype, inputs.timings), None
 
 
 def _if_by_cg(hessian: str) -> Scorer:
@@ -320,6 +398,8 @@ def member_scores(method: MethodSpec, train: Features, test: Features, dampings:
     """Scores of one member by the method's scorer; `q` overrides TRAK's Q (dropout-forward: 1 - mask-averaged
     p); `curvature`: features at labels sampled from the model (IF's Fisher); `more`: ScoringInputs' other fields."""
     t0 = time.perf_counter()
-    by, q = scorer(method)(ScoringInputs(train, test, curvature, q, **more), dampings)
-    return MemberScores(by, q, time.perf_counter() - t0)
-
+    inputs = ScoringInputs(train, test, curvature, q, dtype=kernel_dtype(method, train.phi.device), **more)
+    by, q = scorer(method)(inputs, dampings)
+    timings = dict(inputs.timings)
+    timings["solve_s"] = time.perf_counter() - t0 - timings.get("kernel_s", 0.0) - timings.get("product_s", 0.0)
+    return MemberScores(by, q, timings)

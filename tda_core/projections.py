@@ -20,7 +20,10 @@ from __future__ import annotations
 import abc
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import ClassVar
 
 import torch
@@ -40,6 +43,8 @@ KRON_COVER = "every parameter: norm scales and shifts exact and dense-projected,
 DENSE_BLOCK_ENTRIES = 1 << 22  # entries per generated block of the dense JL matrix (fixes the stream)
 HOLD_FRACTION = 0.5  # hold a whole projection matrix (dense, Kronecker columns) when it takes at most this share
 # of the memory budget
+DENSE_CHUNK_ROWS = 1024  # examples per dense step: the product's rows (benchmarks/bench_attribution.py measures it)
+DENSE_CHUNK_BYTES = 1 << 30  # ... at most this many bytes of float32 gradients per step
 Step = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
 
 
@@ -49,6 +54,7 @@ class FeatureMap(abc.ABC):
     name: ClassVar[str]
     label: ClassVar[str]
     scheme: ClassVar[dict[str, str]] = {}  # store-key entries of schemes that changed under the same spec
+    exact: ClassVar[bool] = False  # the features are the gradients themselves (kept in float32 throughout)
     chunk: int  # examples per step
     uncovered: tuple[str, ...] = ()  # names of differentiated parameters the features leave out
 
@@ -89,7 +95,7 @@ def _gradient_chunk_bytes(n_params: int, n_train: int) -> int:
 class ExactGradients(FeatureMap):
     """The per-sample gradients themselves (k = number of differentiated parameters)."""
 
-    name, label = "none", "none (exact)"
+    name, label, exact = "none", "none (exact)", True
 
     def __init__(self, source: GradientSource, device: torch.device) -> None:
         self.grads = per_sample_gradients(source, device)
@@ -131,32 +137,37 @@ class DenseProjection:
         self._whole: torch.Tensor | None = None
         self.hold = n_params * k * dtype.itemsize <= hold_bytes
 
-    def _block(self, b: int) -> torch.Tensor:
-        t0 = time.perf_counter()
+    def _block(self, b: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Row block b, drawn from its own generator (so blocks can be drawn in any order, in parallel)."""
         r0 = b * self.rows_per_block
         rows = min(self.rows_per_block, self.n_params - r0)
         g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, "dense", b))
         if self.distribution == "gaussian":
-            out = torch.randn(rows, self.k, generator=g, device=self.device).mul_(1.0 / math.sqrt(self.k))
+            block = torch.randn(rows, self.k, generator=g, device=self.device).mul_(1.0 / math.sqrt(self.k))
         else:
-            out = torch.randint(0, 2, (rows, self.k), generator=g, device=self.device, dtype=torch.float32)
-            out.mul_(2.0 / math.sqrt(self.k)).sub_(1.0 / math.sqrt(self.k))
-        out = out.to(self.dtype)
-        self.gen_s += time.perf_counter() - t0
-        return out
+            block = torch.randint(0, 2, (rows, self.k), generator=g, device=self.device, dtype=torch.float32)
+            block.mul_(2.0 / math.sqrt(self.k)).sub_(1.0 / math.sqrt(self.k))
+        return block.to(self.dtype) if out is None else out.copy_(block)
 
     @property
     def n_blocks(self) -> int:
         return -(-self.n_params // self.rows_per_block)
 
     def matrix(self) -> torch.Tensor:
-        """The whole matrix (generated once and kept when it fits `hold_bytes`)."""
-        if self._whole is None:
-            whole = torch.cat([self._block(b) for b in range(self.n_blocks)])
-            if not self.hold:
-                return whole
+        """The whole matrix (generated once and kept when it fits `hold_bytes`). On a CPU the blocks are drawn
+        by as many threads as torch uses (one generator per block: the same matrix in any order)."""
+        if self._whole is not None:
+            return self._whole
+        t0 = time.perf_counter()
+        whole = torch.empty(self.n_params, self.k, dtype=self.dtype, device=self.device)
+        parts = whole.split(self.rows_per_block)
+        workers = torch.get_num_threads() if self.device.type == "cpu" else 1
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda b: self._block(b, parts[b]), range(self.n_blocks)))
+        self.gen_s += time.perf_counter() - t0
+        if self.hold:
             self._whole = whole
-        return self._whole
+        return whole
 
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
         """Project gradient rows g [B, n_params] -> [B, k]."""
@@ -166,8 +177,26 @@ class DenseProjection:
         out = torch.zeros(g.shape[0], self.k, device=g.device)
         for b in range(self.n_blocks):
             r0 = b * self.rows_per_block
-            out += (g[:, r0:r0 + self.rows_per_block] @ self._block(b)).float()
+            t0 = time.perf_counter()
+            block = self._block(b)
+            self.gen_s += time.perf_counter() - t0
+            out += (g[:, r0:r0 + self.rows_per_block] @ block).float()
         return out
+
+
+_LAST_MATRIX: ContextVar[dict | None] = ContextVar("last_dense_matrix", default=None)
+
+
+@contextmanager
+def reuse_dense_matrix() -> Iterator[None]:
+    """Inside the block, consecutive dense feature maps with the same projection seed and shape share one
+    `DenseProjection` (generated once): the members of one base model under a shared projection. Only the most
+    recent matrix is kept, so memory holds one matrix at a time."""
+    token = _LAST_MATRIX.set({})
+    try:
+        yield
+    finally:
+        _LAST_MATRIX.reset(token)
 
 
 class DenseJL(FeatureMap):
@@ -176,14 +205,25 @@ class DenseJL(FeatureMap):
     name, label = "dense", "dense JL"
 
     def __init__(self, source: GradientSource, projection: DenseProjection, device: torch.device) -> None:
-        self.grads = per_sample_gradients(source, device)
+        self.grads = per_sample_gradients(source, device, projection.dtype)
         self.projection = projection
-        self.chunk = default_chunk(source.n_params)
+        self.chunk = self.chunk_rows(source.n_params)
+
+    @staticmethod
+    def chunk_rows(n_params: int) -> int:
+        """Examples per step: `DENSE_CHUNK_ROWS`, fewer when their float32 gradients exceed `DENSE_CHUNK_BYTES`."""
+        return max(1, min(DENSE_CHUNK_ROWS, DENSE_CHUNK_BYTES // (4 * n_params)))
 
     @classmethod
     def build(cls, source, method, seed, device, probe, budget) -> FeatureMap:  # noqa: ANN001
+        shape = (source.n_params, method.proj_dim, seed, method.dense_kind, method.proj_dtype, str(device))
+        last = _LAST_MATRIX.get()
+        if last is not None and last.get("shape") == shape:
+            return cls(source, last["matrix"], device)  # generated (and counted) for an earlier member
         matrix = DenseProjection(source.n_params, method.proj_dim, seed, device, method.dense_kind,
                                  hold_bytes=int(budget * HOLD_FRACTION), dtype=getattr(torch, method.proj_dtype))
+        if last is not None:
+            last.update(shape=shape, matrix=matrix)
         return cls(source, matrix, device)
 
     @classmethod

@@ -153,9 +153,11 @@ class MethodSpec:
 
     proj: dense JL, Kronecker-structured JL (kron: rank-one sketches of every layer's input and
     output gradient) or none (exact gradients). proj_dtype (dense): bfloat16 gradients times a bfloat16
-    matrix, accumulated by the kernel and rounded to bfloat16 (relative error ~2e-3), or float32 throughout. hessian (IF only): empirical Fisher in feature
-    space, or by conjugate gradient on the full parameters the Gauss-Newton matrix or the exact
-    Hessian (both need proj 'none'; small models).
+    matrix, accumulated by the kernel and rounded to bfloat16 (relative error ~2e-3), or float32 throughout;
+    on a CPU also the precision of TRAK's and IF's kernel and score products on projected features
+    (bfloat16 products summed in float32; tda_core/methods.py `kernel_dtype`). hessian (IF only):
+    empirical Fisher in feature space, or by conjugate gradient on the full parameters the Gauss-Newton
+    matrix or the exact Hessian (both need proj 'none'; small models).
     """
 
     name: str = "trak"

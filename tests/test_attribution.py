@@ -1,6 +1,7 @@
 """The public API and the `attribute` command: caching, costs, damping sweeps, budgets, sequences."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tda_core.attribution import FEATURE_KIND, SCORE_KIND, attribute, plan
+from tda_core.attribution import FEATURE_KIND, SCORE_KIND, TEST_FEATURE_KIND, attribute, plan
 from tda_core.cli import main
 from tda_core.data import REGISTRY, Dataset, DatasetInfo, SourceStatus, load_dataset
 from tda_core.errors import UserError
@@ -46,13 +47,24 @@ def test_naive_trak_costs_indices_and_resume(store):
     # other dampings: a new score matrix, but the training-set features come from the cache
     swept = attribute(TINY, method, EnsembleSpec("naive", I=2), store=store, device="cpu", test_positions=POS,
                       dampings=[0.1, 10.0])
-    assert store.keys(FEATURE_KIND) == features
+    assert store.keys(FEATURE_KIND) == features and len(store.keys(TEST_FEATURE_KIND)) == 2  # test side cached too
+    assert {"cached_train_features_s", "cached_test_features_s"} <= set(swept.costs.breakdown)
     assert set(swept.scores_by_damping) == {0.1, 1.0, 10.0}
     assert torch.allclose(swept.scores_by_damping[1.0], result.scores, atol=1e-6)
     assert swept.costs.serve_s >= swept.costs.serve_now_s * 0.5  # recorded train-side seconds are included
     single = attribute(TINY, dataclasses.replace(method, damping=10.0), EnsembleSpec("naive", I=2), store=store,
                        device="cpu", test_positions=POS)
     assert torch.allclose(single.scores, swept.scores_by_damping[10.0], atol=1e-6)
+
+
+def test_members_sharing_a_dense_projection_generate_it_once(store, tmp_path, monkeypatch):
+    method, ensemble = MethodSpec("trak", "dense", proj_dim=64), EnsembleSpec("dropout", I=1, D=2, shared_projection=True)
+    shared = attribute(TINY, method, ensemble, store=store, device="cpu", test_positions=POS)
+    generated = [store.load(FEATURE_KIND, key).meta["timings"]["gen_s"] > 0 for key in store.keys(FEATURE_KIND)]
+    assert sorted(generated) == [False, True]  # the second member reused the first one's matrix
+    monkeypatch.setattr("tda_core.attribution.reuse_dense_matrix", contextlib.nullcontext)
+    alone = attribute(TINY, method, ensemble, store=Store(tmp_path / "alone"), device="cpu", test_positions=POS)
+    assert torch.equal(shared.scores, alone.scores)
 
 
 def test_plan_lists_work_and_refuses_what_does_not_fit(store, monkeypatch):

@@ -11,7 +11,8 @@ from torch import nn
 
 from tda_core.attribution import attribute
 from tda_core.features import Features, GradientSource, all_param_names, compute_features
-from tda_core.methods import MemberAverage, exact_if_scores, fisher_scores, kernel_scores, member_scores
+from tda_core.methods import (MemberAverage, damped_solves, exact_if_scores, fisher_scores, kernel_dtype, kernel_scores,
+                              member_scores)
 from tda_core.models import MLP
 from tda_core.objectives import target
 from tda_core.specs import EnsembleSpec, MethodSpec, Recipe
@@ -99,6 +100,49 @@ def test_kernel_scores_primal_dual_and_float64_agree():
             for got in (primal[c], dual[c], auto[c]):
                 assert float((got.double() - ref).norm() / ref.norm()) < 1e-4
             assert float((primal[c] - dual[c]).norm() / dual[c].norm()) < 1e-4
+
+
+def test_bfloat16_products_stay_within_their_rounding_of_float64():
+    """Kernel and score products in bfloat16 (summed in float32) against a float64 solve: both forms and IF's."""
+    g = torch.Generator().manual_seed(2)
+    for n, k in ((300, 64), (40, 90)):
+        phi, phi_t = torch.randn(n, k, generator=g), torch.randn(9, k, generator=g)
+        got = kernel_scores(phi, phi_t, [0.1, 3.0], dtype="bfloat16")
+        for c in (0.1, 3.0):
+            lam = c * float((phi * phi).sum()) / min(n, k)
+            ref = phi.double() @ torch.linalg.solve(phi.T.double() @ phi.double() + lam * torch.eye(k).double(),
+                                                    phi_t.T.double())
+            assert float((got[c].double() - ref).norm() / ref.norm()) < 2e-2
+    loss, psi = torch.randn(30, 25, generator=g), torch.randn(40, 25, generator=g)
+    phi_t = torch.randn(6, 25, generator=g)
+    exact, low = fisher_scores(loss, psi, phi_t, [0.5]), fisher_scores(loss, psi, phi_t, [0.5], "bfloat16")
+    assert float((low[0.5] - exact[0.5]).norm() / exact[0.5].norm()) < 2e-2
+    with pytest.raises(ValueError, match="kernel dtype"):
+        kernel_scores(phi, phi_t, [1.0], dtype="float16")
+
+
+def test_kernel_precision_follows_the_projection_dtype_and_device():
+    assert kernel_dtype(MethodSpec("trak", "kron"), "cpu") == "bfloat16"
+    assert kernel_dtype(MethodSpec("trak", "kron", proj_dtype="float32"), "cpu") == "float32"
+    assert kernel_dtype(MethodSpec("trak", "none"), "cpu") == "float32"  # exact gradients: the reference path
+    assert kernel_dtype(MethodSpec("trak", "dense"), "cuda") == "float32"
+
+
+def test_damped_solves_batch_the_grid_and_fall_back_on_singular_systems(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(30, 12, generator=g)
+    gram, rhs = a.T @ a, torch.randn(12, 4, generator=g)
+    monkeypatch.setattr("tda_core.methods.SOLVE_BATCH_BYTES", 2 * 12 * 12 * 4)  # two systems per batch
+    lams = {0.1: 0.1, 1.0: 1.0, 10.0: 10.0}
+    got = damped_solves(gram, rhs, lams)
+    for c, lam in lams.items():
+        want = torch.linalg.solve(gram.double() + lam * torch.eye(12).double(), rhs.double())
+        assert float((got[c].double() - want).norm() / want.norm()) < 1e-4
+    singular = gram.clone()
+    singular[0, :] = singular[:, 0] = 0.0  # no Cholesky at lambda = 0: the pseudo-inverse instead
+    x = damped_solves(singular, rhs, {0.0: 0.0, 1.0: 1.0})[0.0]
+    want = torch.linalg.pinv(singular.double(), rtol=1e-10) @ rhs.double()
+    assert float((x.double() - want).norm() / want.norm()) < 1e-3
 
 
 @pytest.mark.parametrize("rows", [40, 12])  # k = 25 <= rows: k x k Cholesky; k > rows: Woodbury

@@ -28,7 +28,9 @@ def add_projection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proj-dtype", default="bfloat16", choices=PROJ_DTYPES,
                    help="dense projection arithmetic: bfloat16 gradients times a bfloat16 matrix, accumulated by the "
                         "kernel and rounded to bfloat16 (default; relative error ~2e-3, LDS unchanged, fast on CPUs "
-                        "with bfloat16 units and on GPUs) or float32 throughout")
+                        "with bfloat16 units and on GPUs) or float32 throughout; on a CPU it is also the precision "
+                        "of TRAK's and IF's kernel and score products on projected features (bfloat16 products "
+                        "summed in float32, solves in float32)")
     p.add_argument("--dense-kind", default="gaussian", choices=DENSE_KINDS, help="dense projection entries")
     p.add_argument("--proj-seed", type=int, default=0, help="seed of the projections")
 
