@@ -1,6 +1,6 @@
 """The LoRA fine-tuning length of the chorales ladder, chosen on the validation split, and what LoRA does to the model.
 
-Usage: python scripts/chorales_lora_epochs.py [--epochs 1,2,3] [--damping-grid 0.1,1,...] [--out FILE.md]
+Usage: python -m scripts.chorales_lora_epochs [--epochs 1,2,3] [--damping-grid 0.1,1,...] [--out FILE.md]
 
 For each fine-tuning length E: LoRA I = 1, L = 5 (rank 16) with TRAK and Grad-Dot (Kronecker, k = 2048), scored
 against the ladder's ground truth (M = 50, R = 2); TRAK's damping tuned on the validation split. The length with the
@@ -44,8 +44,9 @@ def main() -> None:
     for label, ensemble in settings:
         row = {"setting": label}
         for name in ("trak", "grad-dot"):
-            result = run(task, MethodSpec(name, proj="kron"), ensemble, EVAL, store=store, device="cpu",
-                         dampings=args.damping_grid, truth=truth)
+            method = MethodSpec(name, proj="kron", damping=None)  # damping tuned on the validation split
+            result = run(task, method, ensemble, EVAL, store=store, device="cpu", dampings=args.damping_grid,
+                         truth=truth)
             tag = "TRAK" if name == "trak" else "Grad-Dot"
             row |= {f"{tag} validation LDS": result.validation.mean(), f"{tag} LDS": result.lds}
             if name == "trak":
@@ -66,7 +67,7 @@ def main() -> None:
     text = markdown(table) + "\n" + note + "\n"
     print(text)
     if args.out:
-        command = "python scripts/chorales_lora_epochs.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = "python -m scripts.chorales_lora_epochs " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         Path(args.out).write_text("\n".join(["# chorales-mt: LoRA fine-tuning length", "", f"Made by `{command}` "
                                              f"(store: the ladder's, `TDA_STORE`).", "",
                                              __doc__.split("\n\n", 1)[1].strip(), "", text]))

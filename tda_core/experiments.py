@@ -281,8 +281,8 @@ def _readme_grid() -> list[EnsembleSpec]:
 
 
 # LoRA fine-tuning length of the chorales ladder: the one with the highest validation LDS among 1, 2, 3 epochs
-# (scripts/chorales_lora_epochs.py; docs/chorales_lora_epochs.md)
-CHORALES_LORA_EPOCHS = 1
+# (`python -m scripts.chorales_lora_epochs`; docs/chorales_lora_epochs.md)
+CHORALES_LORA_EPOCHS = 3
 
 
 def _chorales_grid() -> list[EnsembleSpec]:
