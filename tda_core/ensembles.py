@@ -18,18 +18,21 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
+import pandas as pd
 import torch
 from torch import nn
 
-from .data import Dataset
+from .context import resolve
+from .data import Dataset, load_dataset
 from .errors import UserError
 from .features import GradientSource, all_param_names, derive_seed, mask_averaged_probabilities
 from .lora import load_or_finetune_lora, with_adapter
 from .models.dropout import draw_masks, fixed_masks, mask_shapes
+from .progress import Progress
 from .registry import Registry
 from .specs import EnsembleSpec, MethodSpec, TaskSpec, method_record
 from .store import Store
-from .training import TrainedModel, dropout_rates
+from .training import TrainedModel, dropout_rates, evaluate, load_or_train
 
 ForwardQ = Callable[[Dataset, torch.device], torch.Tensor]
 
@@ -239,12 +242,39 @@ def _forward_members(ctx: MemberContext, base: TrainedModel) -> Iterator[Member]
 
 
 # --- LoRA ---------------------------------------------------------------------------------------------
+def adapter_seed(ensemble: EnsembleSpec, base_seed: int, li: int) -> int:
+    """Seed of adapter li of a base model (its initialisation and its fine-tuning order and masks)."""
+    return derive_seed(ensemble.seed, "lora", base_seed, li)
+
+
+def lora_test_losses(task: str | TaskSpec, ensemble: EnsembleSpec, *, store: Store | str | None = None,
+                     device: str = "auto", progress: Progress | None = None) -> pd.DataFrame:
+    """What a LoRA ensemble's fine-tunes do to the model: test loss and accuracy of each base model
+    (`adapter` -1) and of each of its members (the base model plus adapter l), one row each. Base models and
+    adapters come from the store, or are trained and fine-tuned (and stored) as for attribution."""
+    if ensemble.kind != "lora":
+        raise UserError(f"lora_test_losses needs a LoRA ensemble, got kind {ensemble.kind!r}")
+    task, ctx = resolve(task, store, device, progress)
+    dataset = load_dataset(task.dataset)
+    rows = []
+    for base in load_or_train(task, base_seeds(ensemble), store=ctx.store, device=ctx.device, dataset=dataset,
+                              progress=progress):
+        models = [(-1, base.model)] + [
+            (li, load_or_finetune_lora(task, ensemble, base, dataset, ctx.store, ctx.device,
+                                       adapter_seed(ensemble, base.seed, li))[0]) for li in range(ensemble.L)]
+        for li, model in models:
+            metrics = evaluate(model, dataset.x_test, dataset.y_test, task.sequence)
+            rows.append({"base_seed": base.seed, "adapter": li, "test_loss": metrics["loss"],
+                         "test_accuracy": metrics["accuracy"]})
+    return pd.DataFrame(rows)
+
+
 def _lora_members(ctx: MemberContext, base: TrainedModel) -> Iterator[Member]:
     ens = ctx.ensemble
     for li in range(ens.L):
         t0 = time.perf_counter()
         peft_model, finetune_s, nbytes, key, loaded = load_or_finetune_lora(
-            ctx.task, ens, base, ctx.dataset, ctx.store, ctx.device, derive_seed(ens.seed, "lora", base.seed, li))
+            ctx.task, ens, base, ctx.dataset, ctx.store, ctx.device, adapter_seed(ens, base.seed, li))
         finetune_now_s = 0.0 if loaded else time.perf_counter() - t0
         if ens.lora_grad == "merged":
             net = copy.deepcopy(peft_model).merge_and_unload().eval().requires_grad_(True)  # peft froze it

@@ -165,7 +165,9 @@ def run(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, eval_s
                                     dampings=list(dampings) if tuned else None, progress=progress)
         damping, scores = att.damping, att.scores
         if tuned:
-            on_val = {c: lds_against(s[:, val], truth, val).mean for c, s in sorted(att.scores_by_damping.items())}
+            grid = {float(c) for c in dampings}  # attribute also scores its main c, which may lie off the grid
+            on_val = {c: lds_against(s[:, val], truth, val).mean for c, s in sorted(att.scores_by_damping.items())
+                      if c in grid}
             damping = max(on_val, key=lambda c: (np.nan_to_num(on_val[c], nan=-np.inf), -c))
             scores = att.scores_by_damping[damping]
             validation = validation or on_val
@@ -217,15 +219,15 @@ def compare_results(a: Result, b: Result, *, split: str = "evaluation", resample
 
 def compare(task: str | TaskSpec, setting_a: tuple[MethodSpec, EnsembleSpec], setting_b: tuple[MethodSpec, EnsembleSpec],
             eval_spec: EvalSpec = EvalSpec(), *, replicates: int = 1, split: str = "evaluation",
-            resamples: int = DEFAULT_RESAMPLES, seed: int = 0, store: Store | None = None, device: str = "auto",
-            progress: Progress | None = None) -> PairedComparison:
+            resamples: int = DEFAULT_RESAMPLES, seed: int = 0, dampings: Sequence[float] = DAMPING_GRID,
+            store: Store | None = None, device: str = "auto", progress: Progress | None = None) -> PairedComparison:
     """Run two settings (method, ensemble) against one ground truth and compare their LDS pairwise."""
     task, ctx = resolve(task, store, device, progress)
     for method, ensemble in (setting_a, setting_b):
         check_setting(task, method, ensemble)
     truth = ground_truth(task, eval_spec, store=ctx.store, device=ctx.device, progress=progress)
-    a, b = (run(task, m, e, eval_spec, store=ctx.store, device=ctx.device, truth=truth, replicates=replicates,
-                progress=progress) for m, e in (setting_a, setting_b))
+    a, b = (run(task, m, e, eval_spec, store=ctx.store, device=ctx.device, dampings=dampings, truth=truth,
+                replicates=replicates, progress=progress) for m, e in (setting_a, setting_b))
     return compare_results(a, b, split=split, resamples=resamples, seed=seed)
 
 
@@ -278,11 +280,27 @@ def _readme_grid() -> list[EnsembleSpec]:
     return out
 
 
-GRIDS = {"paper": _paper_grid, "readme": _readme_grid, "small": _small_grid}
+# LoRA fine-tuning length of the chorales ladder: the one with the highest validation LDS among 1, 2, 3 epochs
+# (`python -m scripts.chorales_lora_epochs`; docs/chorales_lora_epochs.md)
+CHORALES_LORA_EPOCHS = 3
+
+
+def _chorales_grid() -> list[EnsembleSpec]:
+    """The music ladder (docs/results_chorales_cpu.md): naive I = 1, 2, 5, 10; Dropout I = 1, D = 5 / 10 and I = 2,
+    D = 5; LoRA I = 1, L = 5; the projection-seed controls of those members (P = 5, 10 at I = 1; P = 5 at I = 2)."""
+    out = [EnsembleSpec("naive", I=i) for i in (1, 2, 5, 10)]
+    out += [EnsembleSpec("dropout", I=1, D=5), EnsembleSpec("dropout", I=1, D=10), EnsembleSpec("dropout", I=2, D=5)]
+    out += [EnsembleSpec("lora", I=1, L=5, lora_epochs=CHORALES_LORA_EPOCHS)]
+    out += [EnsembleSpec("proj-seeds", I=1, P=5), EnsembleSpec("proj-seeds", I=1, P=10),
+            EnsembleSpec("proj-seeds", I=2, P=5)]
+    return out
+
+
+GRIDS = {"paper": _paper_grid, "readme": _readme_grid, "small": _small_grid, "chorales": _chorales_grid}
 
 
 def grid_settings(name: str) -> list[EnsembleSpec]:
-    """The ensemble settings of a named grid (`paper`, `small`)."""
+    """The ensemble settings of a named grid (`paper`, `readme`, `small`, `chorales`)."""
     if name not in GRIDS:
         raise unknown_choice("grid", name, sorted(GRIDS))
     return GRIDS[name]()
@@ -344,13 +362,13 @@ def applicable(task: TaskSpec, pairs: Sequence[tuple[MethodSpec, EnsembleSpec]])
 
 def plan_sweep(task: str | TaskSpec, pairs: Sequence[tuple[MethodSpec, EnsembleSpec]],
                eval_spec: EvalSpec = EvalSpec(), *, store: Store | None = None, device: str = "auto",
-               table: str = RESULTS_TABLE, replicates: int = 1) -> SweepPlan:
+               table: str = RESULTS_TABLE, replicates: int = 1, dampings: Sequence[float] = DAMPING_GRID) -> SweepPlan:
     """Count the work of a sweep: pending settings, models to train, member passes, whether each fits.
     Settings the task or method cannot run (see `applicable`) are left out."""
     task, ctx = resolve(task, store, device)
     store, dev = ctx.store, ctx.device
     dataset = load_dataset(task.dataset)
-    settings = [(m, e, setting_key(task, m, e, eval_spec, dev, replicates=replicates))
+    settings = [(m, e, setting_key(task, m, e, eval_spec, dev, dampings, replicates=replicates))
                 for m, e in applicable(task, pairs)]
     existing = store.read_table(table)
     done = set(existing["setting_key"]) if "setting_key" in existing else set()
@@ -362,7 +380,7 @@ def plan_sweep(task: str | TaskSpec, pairs: Sequence[tuple[MethodSpec, EnsembleS
             continue
         for r in range(replicates):
             m_r, e_r = replicate_specs(method, ens, r)
-            wp = attribution.plan(task, m_r, e_r, store, device=dev, dampings=DAMPING_GRID, dataset=dataset)
+            wp = attribution.plan(task, m_r, e_r, store, device=dev, dampings=list(dampings), dataset=dataset)
             to_train.update(wp.models_to_train)
             passes += len(wp.members)
             if not wp.fits and wp.message not in problems:
@@ -373,16 +391,19 @@ def plan_sweep(task: str | TaskSpec, pairs: Sequence[tuple[MethodSpec, EnsembleS
 
 def sweep(task: str | TaskSpec, methods: Sequence[str], grid: str = "paper", *,
           projections: Sequence[str] = ("kron",), eval_spec: EvalSpec = EvalSpec(), damping: float | None = None,
-          template: MethodSpec | None = None, replicates: int = 1, store: Store | None = None, device: str = "auto",
-          table: str = RESULTS_TABLE, progress: Progress | None = None) -> pd.DataFrame:
+          template: MethodSpec | None = None, replicates: int = 1, dampings: Sequence[float] = DAMPING_GRID,
+          store: Store | None = None, device: str = "auto", table: str = RESULTS_TABLE,
+          progress: Progress | None = None) -> pd.DataFrame:
     """Run every setting of a grid not yet in the results table, appending one row per setting as it finishes.
+    Damped methods without a fixed damping tune c over `dampings` (part of each row's setting key).
 
     Returns the rows of all the grid's settings (new and earlier), in grid order.
     """
     task, ctx = resolve(task, store, device, progress)
     store, device = ctx.store, ctx.device
     pairs = sweep_settings(methods, grid, projections, damping, template=template)
-    sp = plan_sweep(task, pairs, eval_spec, store=store, device=device, table=table, replicates=replicates)
+    sp = plan_sweep(task, pairs, eval_spec, store=store, device=device, table=table, replicates=replicates,
+                    dampings=dampings)
     if not sp.fits:
         raise UserError(sp.message)
     pending = sp.pending
@@ -390,8 +411,8 @@ def sweep(task: str | TaskSpec, methods: Sequence[str], grid: str = "paper", *,
     for n, (method, ens, key) in enumerate(pending):
         with store.lock("settings", key):  # a concurrent sweep computes each setting once; the other skips it
             if key not in set(store.read_table(table).get("setting_key", [])):
-                result = run(task, method, ens, eval_spec, store=store, device=device, truth=truth,
-                             replicates=replicates, progress=progress)
+                result = run(task, method, ens, eval_spec, store=store, device=device, dampings=dampings,
+                             truth=truth, replicates=replicates, progress=progress)
                 store.append_rows(table, [result.row()], unique_by="setting_key")
         report(progress, n + 1, len(pending), "settings")
     return results_for(store.read_table(table), [key for _, _, key in sp.settings])

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .comparison import DEFAULT_RESAMPLES
 from .context import resolve
-from .experiments import applicable, compare_stored, setting_key, sweep, sweep_settings
+from .experiments import DAMPING_GRID, applicable, compare_stored, setting_key, sweep, sweep_settings
 from .progress import Progress
 from .results import setting_label
 from .specs import EnsembleSpec, EvalSpec, MethodSpec, TaskSpec, ensemble_kind
@@ -26,10 +26,11 @@ from .specs import EnsembleSpec, EvalSpec, MethodSpec, TaskSpec, ensemble_kind
 HEADERS = {"setting": "setting", "lds": "LDS", "lds_sem": "per-example SE", "lds_rep_se": "replicate SE",
            "replicates": "replicates", "n_trained": "trained models", "n_members": "members", "train_s": "train s",
            "serve_s": "serve s", "space_mb": "space MB", "versus": "versus", "difference": "difference",
-           "low": "95% low", "high": "95% high", "verdict": "verdict"}
-TABLE_COLUMNS = ("setting", "lds", "lds_sem", "lds_rep_se", "n_trained", "n_members", "train_s", "serve_s", "space_mb")
+           "low": "95% low", "high": "95% high", "verdict": "verdict", "damping": "c"}
+TABLE_COLUMNS = ("setting", "lds", "lds_sem", "lds_rep_se", "damping", "n_trained", "n_members", "train_s", "serve_s",
+                 "space_mb")
 PAIRED_COLUMNS = ("setting", "versus", "difference", "low", "high", "verdict")
-DIGITS = {"lds": 3, "lds_sem": 3, "lds_rep_se": 3, "train_s": 1, "serve_s": 1, "space_mb": 1, "difference": 3,
+DIGITS = {"damping": 1, "lds": 3, "lds_sem": 3, "lds_rep_se": 3, "train_s": 1, "serve_s": 1, "space_mb": 1, "difference": 3,
           "low": 3, "high": 3}
 
 
@@ -76,6 +77,19 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def damping_note(frame: pd.DataFrame, dampings: Sequence[float]) -> str:
+    """Where the tuned dampings of `frame`'s rows fall on the grid: interior, or which rows sit at an end."""
+    tuned = frame[frame["damping_tuned"].astype(bool)] if "damping_tuned" in frame else frame.iloc[:0]
+    grid = ", ".join(f"{c:g}" for c in dampings)
+    if tuned.empty:
+        return f"No setting tuned its damping (grid c in {{{grid}}})."
+    at_edge = tuned[tuned["damping"].isin([min(dampings), max(dampings)])]
+    where = ("every tuned c is interior to the grid" if at_edge.empty else
+             "tuned c at an end of the grid for " + "; ".join(f"{label} (c = {c:g})" for label, c in
+                                                             zip(at_edge["setting"], at_edge["damping"])))
+    return f"Damping c tuned on the validation split over {{{grid}}}: {where}."
+
+
 def with_space_mb(frame: pd.DataFrame) -> pd.DataFrame:
     """`frame` with `space_mb` = space in megabytes (10^6 bytes)."""
     return frame.assign(space_mb=frame["space_bytes"] / 1e6)
@@ -83,15 +97,16 @@ def with_space_mb(frame: pd.DataFrame) -> pd.DataFrame:
 
 def make_report(task: str | TaskSpec, methods: Sequence[str], grid: str, out: str | Path, *,
                 projections: Sequence[str] = ("kron",), eval_spec: EvalSpec = EvalSpec(),
-                template: MethodSpec | None = None, replicates: int = 1, store=None, device: str = "auto",  # noqa: ANN001
-                command: str | None = None, progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                template: MethodSpec | None = None, replicates: int = 1, dampings: Sequence[float] = DAMPING_GRID,
+                store=None, device: str = "auto", command: str | None = None,  # noqa: ANN001
+                progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Sweep (resumable), compare, and write `<out>.csv`, `<out>_paired.csv` and `<out>.md`."""
     task, ctx = resolve(task, store, device, progress)
     frame = sweep(task, methods, grid, projections=projections, eval_spec=eval_spec, template=template,
-                  replicates=replicates, store=ctx.store, device=ctx.device, progress=progress)
+                  replicates=replicates, dampings=dampings, store=ctx.store, device=ctx.device, progress=progress)
     frame = frame.assign(setting=frame.apply(setting_label, axis=1))
     pairs = applicable(task, sweep_settings(methods, grid, projections, template=template))
-    keyed = {(m, e): setting_key(task, m, e, eval_spec, ctx.device, replicates=replicates) for m, e in pairs}
+    keyed = {(m, e): setting_key(task, m, e, eval_spec, ctx.device, dampings, replicates=replicates) for m, e in pairs}
     paired = paired_table(ctx.store, keyed, dict(zip(frame["setting_key"], frame["setting"])))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +120,7 @@ def make_report(task: str | TaskSpec, methods: Sequence[str], grid: str, out: st
             f"LDS on the evaluation split ({int(frame['n_eval'].iloc[0])} test examples), damping tuned on the "
             f"validation split. Seed replicates per setting: {replicates}. Ground-truth reliability "
             f"{reliability:.3f}, LDS ceiling {ceiling:.3f} (sqrt of the reliability; NaN with one run per subset).",
+            "", damping_note(frame, dampings),
             "", "## Settings", "", markdown(with_space_mb(frame)[list(TABLE_COLUMNS)]),
             "## Paired differences (95% bootstrap intervals over test examples and replicates)", "",
             markdown(paired[list(PAIRED_COLUMNS)])]

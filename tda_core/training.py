@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -76,8 +76,10 @@ def _optimizer(recipe: Recipe, params: Sequence[torch.Tensor], device: torch.dev
 
 
 def train(task: TaskSpec, dataset: Dataset, seed: int, subset: np.ndarray | None = None,
-          device: str | torch.device = "auto", progress: Progress | None = None) -> nn.Module:
-    """Train one model on the training set (or `subset` of its positions); returns it in eval mode."""
+          device: str | torch.device = "auto", progress: Progress | None = None,
+          on_epoch: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+    """Train one model on the training set (or `subset` of its positions); returns it in eval mode.
+    `on_epoch(epochs done, model in eval mode)` is called after every epoch (e.g. for a validation curve)."""
     device = resolve_device(device) if isinstance(device, str) else device
     recipe = task.recipe
     x, y = dataset.x_train.to(device), dataset.y_train.to(device)
@@ -96,6 +98,9 @@ def train(task: TaskSpec, dataset: Dataset, seed: int, subset: np.ndarray | None
             loss.backward()
             opt.step()
         report(progress, epoch + 1, recipe.epochs, f"train seed {seed}")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model.eval())
+            model.train()
     return model.eval()
 
 

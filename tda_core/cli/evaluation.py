@@ -49,12 +49,30 @@ def _replicate_option(p: argparse.ArgumentParser) -> None:
                         "own masks, adapters and projections; LDS is averaged and its spread across replicates reported")
 
 
+def damping_grid(text: str) -> tuple[float, ...]:
+    """A --damping-grid value: comma-separated positive numbers, e.g. '0.1,1,10,100'."""
+    try:
+        values = tuple(sorted({float(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"damping values must be positive numbers, got {text!r}")
+    return values
+
+
+def _damping_grid_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--damping-grid", type=damping_grid, default=DAMPING_GRID, metavar="C1,C2,...",
+                   help="relative dampings c that TRAK / IF tune over on the validation split (default "
+                        f"{','.join(f'{c:g}' for c in DAMPING_GRID)}); the grid is part of each row's setting key")
+
+
 def _grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="trak", help="comma-separated methods: " + ", ".join(METHODS.names()))
     p.add_argument("--grid", default="paper", choices=sorted(GRIDS))
     p.add_argument("--proj", default="kron", help="comma-separated projections: " + ", ".join(PROJECTIONS.names()))
     add_projection_options(p)
     _replicate_option(p)
+    _damping_grid_option(p)
 
 
 def _eval_spec(args: argparse.Namespace) -> EvalSpec:
@@ -86,7 +104,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     task, spec, store = get_task(args.task), _eval_spec(args), Store(args.store)
     method, ensemble = setting_from_args(args)
     result = experiments.run(task, method, ensemble, spec, store=store, device=args.device,
-                             replicates=args.replicates, progress=None if args.json else tqdm_progress())
+                             dampings=args.damping_grid, replicates=args.replicates,
+                             progress=None if args.json else tqdm_progress())
     row = result.row() | {"provenance": result.provenance,
                           "validation_lds": {str(c): v for c, v in result.validation_lds.items()}}
     if args.record:
@@ -107,7 +126,7 @@ def _sweep_args(args: argparse.Namespace) -> dict:
     methods = _split(args.methods, METHODS.names(), "method")
     projections = _split(args.proj, PROJECTIONS.names(), "projection")
     return {"methods": methods, "grid": args.grid, "projections": projections, "template": method_template(args),
-            "replicates": args.replicates}
+            "replicates": args.replicates, "dampings": args.damping_grid}
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -116,15 +135,17 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         raise UserError(f"unknown x axis {args.x!r}; valid choices: {', '.join(COST_LABELS)}")
     a = _sweep_args(args)
     pairs = experiments.sweep_settings(a["methods"], args.grid, a["projections"], args.damping, template=a["template"])
-    sp = experiments.plan_sweep(task, pairs, spec, store=store, device=args.device, replicates=args.replicates)
+    sp = experiments.plan_sweep(task, pairs, spec, store=store, device=args.device, replicates=args.replicates,
+                                dampings=args.damping_grid)
     print(sp.describe(), file=sys.stderr)
     if not sp.fits:
         raise UserError(sp.message)
     if args.dry_run:
         return
     frame = experiments.sweep(task, a["methods"], args.grid, projections=a["projections"], eval_spec=spec,
-                              damping=args.damping, template=a["template"], replicates=args.replicates, store=store,
-                              device=args.device, progress=None if args.json else tqdm_progress())
+                              damping=args.damping, template=a["template"], replicates=args.replicates,
+                              dampings=args.damping_grid, store=store, device=args.device,
+                              progress=None if args.json else tqdm_progress())
     _show(frame, args)
 
 
@@ -133,7 +154,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     template = dataclasses.replace(method_template(args), proj="kron", damping=None)
     setting_a, setting_b = (parse_setting(text, template) for text in (args.setting_a, args.setting_b))
     cmp = experiments.compare(task, setting_a, setting_b, spec, replicates=args.replicates, split=args.split,
-                              resamples=args.resamples, seed=args.boot_seed, store=Store(args.store),
+                              resamples=args.resamples, seed=args.boot_seed, dampings=args.damping_grid,
+                              store=Store(args.store),
                               device=args.device, progress=None if args.json else tqdm_progress())
     if args.json:
         print(json.dumps(cmp.row(), default=str))
@@ -148,7 +170,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     task, spec = get_task(args.task), _eval_spec(args)
     a = _sweep_args(args)
     frame, paired = make_report(task, a["methods"], args.grid, args.out, projections=a["projections"], eval_spec=spec,
-                                template=a["template"], replicates=args.replicates, store=Store(args.store),
+                                template=a["template"], replicates=args.replicates, dampings=a["dampings"],
+                                store=Store(args.store),
                                 device=args.device, progress=None if args.json else tqdm_progress())
     print(f"{len(frame)} settings, {len(paired)} paired comparisons: {args.out}.csv, {args.out}_paired.csv, "
           f"{args.out}.md", file=sys.stderr)
@@ -262,6 +285,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         damping_help="relative damping c; default: tuned on a validation split of the test set "
                                      f"over {', '.join(map(str, DAMPING_GRID))}")
     _replicate_option(p)
+    _damping_grid_option(p)
     p.add_argument("--record", action="store_true", help="also append the row to the store's results table")
     p.set_defaults(func=cmd_run)
 
@@ -283,6 +307,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("setting_b", metavar="SETTING_B", help="the second setting, same form")
     add_projection_options(p)
     _replicate_option(p)
+    _damping_grid_option(p)
     p.add_argument("--split", default="evaluation", choices=experiments.SPLITS,
                    help="test examples the difference is measured on (validation: for choosing defaults)")
     p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="paired bootstrap resamples")

@@ -27,7 +27,7 @@ from .midi_codec import (CODEC_VERSION, VOCAB_SIZE, WINDOW, MidiError, Note, cut
 log = logging.getLogger(__name__)
 CORPUS_KIND = "music-corpus"
 SPLIT_SEED = 0
-CHORALE_TEST_FRACTION = 0.1
+CHORALE_TEST_FRACTION = 0.3  # pieces held out: enough test windows for paired intervals of about +- 0.02
 CHORALE_VELOCITY = 80
 DEFAULT_BPM = 100.0
 MAESTRO_SIZES = (5000, 178)
@@ -104,7 +104,8 @@ def convert_chorales(store: Store | None = None, limit: int | None = None,
                      progress: Progress | None = None) -> Corpus:
     """The chorales as events, converted once (about 0.3 s per file) and then read from the store.
 
-    One piece in ten (seeded) is held out as the test split; `limit` converts only the first files."""
+    `CHORALE_TEST_FRACTION` of the pieces (seeded) are held out as the test split, decided here on every load
+    (`chorale_splits`), not in the cached conversion; `limit` converts only the first files."""
     store = store or Store()
     paths = chorale_paths(limit)
     key = _chorales_key(paths)
@@ -120,14 +121,20 @@ def convert_chorales(store: Store | None = None, limit: int | None = None,
                 skipped.append(f"{path.name}: {exc}")
             report(progress, k + 1, len(paths), "convert Bach chorales")
         _warn_skipped("chorales", skipped, len(paths))
-        n_test = max(1, round(CHORALE_TEST_FRACTION * len(pieces))) if len(pieces) > 1 else 0
-        test = set(np.random.default_rng(SPLIT_SEED).permutation(len(pieces))[:n_test].tolist())
-        splits = ["test" if i in test else "train" for i in range(len(pieces))]
-        return _save_corpus(pieces, names, splits, {"source": "music21 corpus", "skipped": skipped,
-                                                    "convert_s": time.perf_counter() - t0})
+        return _save_corpus(pieces, names, list(chorale_splits(len(pieces))),
+                            {"source": "music21 corpus", "skipped": skipped, "convert_s": time.perf_counter() - t0})
 
     art, _ = store.get_or_create(CORPUS_KIND, key, compute)
-    return _corpus(art.tensors, art.meta)
+    corpus = _corpus(art.tensors, art.meta)
+    return dataclasses.replace(corpus, splits=chorale_splits(len(corpus.names)))
+
+
+def chorale_splits(n_pieces: int, fraction: float = CHORALE_TEST_FRACTION) -> tuple[str, ...]:
+    """'train' or 'test' per piece: a seeded random `fraction` of the pieces (at least one) is held out whole,
+    so no test window shares a piece with a training window."""
+    n_test = max(1, round(fraction * n_pieces)) if n_pieces > 1 else 0
+    test = set(np.random.default_rng(SPLIT_SEED).permutation(n_pieces)[:n_test].tolist())
+    return tuple("test" if i in test else "train" for i in range(n_pieces))
 
 
 def _chorales_key(paths: list[Path]) -> str:
@@ -270,7 +277,8 @@ def window_source(name: str, source_index: int, data_root: str | Path | None = N
 def _load_chorales(root: Path, download: bool) -> Dataset:
     corpus = convert_chorales(progress=tqdm_progress())
     source = (f"music21's bundled Bach chorales: {len(corpus.names)} pieces, {len(corpus.tokens)} event tokens, "
-              f"one piece in ten held out for test (seed {SPLIT_SEED}); windows of {WINDOW}; source index = "
+              f"{CHORALE_TEST_FRACTION:.0%} of the pieces held out for test (seed {SPLIT_SEED}); windows of {WINDOW}; "
+              f"source index = "
               f"running window number (see window_table('chorales'))")
     dataset, table = music_dataset("chorales", corpus, source)
     _TABLES[("chorales", source)] = table
@@ -292,8 +300,8 @@ def _load_maestro(root: Path, download: bool) -> Dataset:
     return dataset
 
 
-register(DatasetInfo("chorales", "music", "Bach chorales from music21 as performance events, windows of 256 "
-                     "(offline default)", _load_chorales, _locate_chorales))
+register(DatasetInfo("chorales", "music", "Bach chorales from music21 as performance events, windows of 256, 30% "
+                     "of the pieces held out (offline default)", _load_chorales, _locate_chorales))
 register(DatasetInfo("maestro", "music", "MAESTRO v2/v3 piano MIDI as performance events, 5000/178 windows of 256 "
                      "(user-provided)", _load_maestro, _locate_maestro))
 
