@@ -67,7 +67,7 @@ def test_paper_grid_has_the_research_settings_and_the_controls():
     assert len(pairs) == 4 * len(grid)
     assert {m.proj for m, _ in pairs} == {"dense", "kron"}
     assert all(m.damping is None for m, _ in pairs)  # TRAK tunes c; Grad-Dot has none
-    with pytest.raises(UserError, match="valid choices: paper, readme, small"):
+    with pytest.raises(UserError, match="valid choices: chorales, paper, readme, small"):
         grid_settings("huge")
 
 
