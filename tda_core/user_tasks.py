@@ -141,7 +141,7 @@ def _check_model(task: TaskSpec, dataset: Dataset, n_classes: int) -> None:
     try:
         train_many(dataclasses.replace(task, recipe=dataclasses.replace(task.recipe, epochs=1, batch_size=2)),
                    tiny, [0], device="cpu")
-        compute_features(GradientSource(model, all_param_names(model), False), x, y, "none")
+        compute_features(GradientSource(model, all_param_names(model), False), x, y)  # exact gradients
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - turned into a message naming the cause
