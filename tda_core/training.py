@@ -19,8 +19,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
+from .context import Context
 from .data import Dataset, load_dataset
 from .device import resolve_device
+from .executors import Executor, Task, as_executor, chunks
 from .models.dropout import draw_masks, mask_shapes, use_masks
 from .objectives import per_example_loss
 from .progress import Progress, report
@@ -246,33 +248,56 @@ class TrainedModel:
 
 def load_or_train(task: TaskSpec, seeds: Sequence[int], subsets: Sequence[np.ndarray | None] | None = None,
                   store: Store | None = None, device: str | torch.device = "auto",
-                  dataset: Dataset | None = None, progress: Progress | None = None) -> list[TrainedModel]:
-    """Models for (task, seed[, subset]): loaded from the store when present, else trained together and stored."""
+                  dataset: Dataset | None = None, progress: Progress | None = None,
+                  executor: Executor | str | None = None) -> list[TrainedModel]:
+    """Models for (task, seed[, subset]): loaded from the store when present, else trained together (one executor
+    task per chunk of the missing models: a single chunk locally) and stored."""
     device = resolve_device(device) if isinstance(device, str) else device
     store = store or Store()
     dataset = dataset or load_dataset(task.dataset)
     subsets = list(subsets) if subsets is not None else [None] * len(seeds)
     keys = [checkpoint_key(task, dataset, s, sub, device) for s, sub in zip(seeds, subsets)]
     results: dict[int, TrainedModel] = {}
-    for k, key in enumerate(keys):
-        t0 = time.perf_counter()
-        art = store.load(CHECKPOINT_KIND, key)
-        if art is not None:
-            model = init_model(task, seeds[k])
-            model.load_state_dict(art.tensors)
-            results[k] = TrainedModel(task, seeds[k], model.to(device).eval(), key, art.meta["train_s"], True,
-                                      time.perf_counter() - t0, art.nbytes, art.meta["metrics"])
-    missing = [k for k in range(len(keys)) if k not in results]
+
+    def load_stored(positions: Sequence[int]) -> list[int]:
+        """Load what is stored among `positions`; the positions still missing."""
+        for k in positions:
+            t0 = time.perf_counter()
+            art = store.load(CHECKPOINT_KIND, keys[k])
+            if art is not None:
+                model = init_model(task, seeds[k])
+                model.load_state_dict(art.tensors)
+                results[k] = TrainedModel(task, seeds[k], model.to(device).eval(), keys[k], art.meta["train_s"], True,
+                                          time.perf_counter() - t0, art.nbytes, art.meta["metrics"])
+        return [k for k in positions if k not in results]
+
+    missing = load_stored(range(len(keys)))
     if missing:
-        t0 = time.perf_counter()
-        models = train_many(task, dataset, [seeds[k] for k in missing], [subsets[k] for k in missing], device,
-                            progress)
-        per_model_s = (time.perf_counter() - t0) / len(missing)
-        for k, model in zip(missing, models):
-            metrics = evaluate(model, dataset.x_test, dataset.y_test, task.sequence)
-            meta = {"task": task.name, "seed": seeds[k], "subset": subset_digest(subsets[k]),
-                    "train_s": per_model_s, "device": device.type, "metrics": metrics,
-                    "trained_together": len(missing)}
-            art = store.save(CHECKPOINT_KIND, keys[k], model.state_dict(), meta)
-            results[k] = TrainedModel(task, seeds[k], model, keys[k], per_model_s, False, 0.0, art.nbytes, metrics)
+        ctx = Context(store, device, progress, as_executor(executor))
+        parts, trained = chunks(missing, len(missing), ctx.executor.workers), []
+
+        def arrived(i: int, _: None) -> None:
+            trained.extend(parts[i])
+            report(progress, len(trained), len(missing), "models trained")
+
+        ctx.executor.for_each([Task(train_models, (task, dataset, [seeds[k] for k in part],
+                                                   [subsets[k] for k in part], [keys[k] for k in part]))
+                               for part in parts], ctx, arrived)
+        load_stored(trained)  # just trained: what it cost is in the stored metadata
+        for k in trained:
+            results[k] = dataclasses.replace(results[k], loaded=False, load_s=0.0)
     return [results[k] for k in range(len(keys))]
+
+
+def train_models(ctx: Context, task: TaskSpec, dataset: Dataset, seeds: list[int], subsets: list[np.ndarray | None],
+                 keys: list[str]) -> None:
+    """Task: train models together (`train_many`) and store each under the checkpoint key the driver handed out,
+    with its test metrics and its share of the training seconds."""
+    t0 = time.perf_counter()
+    models = train_many(task, dataset, seeds, subsets, ctx.device, ctx.progress)
+    per_model_s = (time.perf_counter() - t0) / len(seeds)
+    for seed, subset, key, model in zip(seeds, subsets, keys, models):
+        metrics = evaluate(model, dataset.x_test, dataset.y_test, task.sequence)
+        meta = {"task": task.name, "seed": seed, "subset": subset_digest(subset), "train_s": per_model_s,
+                "device": ctx.device.type, "metrics": metrics, "trained_together": len(seeds)}
+        ctx.store.save(CHECKPOINT_KIND, key, model.state_dict(), meta)

@@ -347,3 +347,20 @@ def task_table() -> pd.DataFrame:
                      "model": task.model, "recipe": f"{r.optimizer} lr {r.lr:g}, batch {r.batch_size}, "
                                                     f"{r.epochs} epochs", "description": task.description})
     return pd.DataFrame(rows)
+
+
+# --- other processes -----------------------------------------------------------------------------------
+def user_registrations() -> dict[str, dict]:
+    """This process's user tasks with their datasets and models, for another process (a Ray worker) to install
+    with `install_registrations` (built-in tasks are there already)."""
+    tasks = {name: TASKS[name] for name in ORIGINS if name in TASKS}
+    return {"tasks": tasks,
+            "datasets": {t.dataset: REGISTRY[t.dataset] for t in tasks.values() if t.dataset in REGISTRY},
+            "models": {t.model: MODELS[t.model] for t in tasks.values() if t.model in MODELS}}
+
+
+def install_registrations(registrations: Mapping[str, Mapping]) -> None:
+    """Register what `user_registrations` gathered in another process."""
+    for registry, entries in ((TASKS, registrations["tasks"]), (REGISTRY, registrations["datasets"]),
+                              (MODELS, registrations["models"])):
+        registry.update(entries)
