@@ -7,9 +7,10 @@ import logging
 import sys
 
 from ..errors import UserError
+from ..executors import using
 from ..store import Store
 from ..user_tasks import load_user_tasks
-from .common import common_options
+from .common import common_options, executor_from_args
 
 COMMAND_MODULES = ("core", "attribution", "evaluation", "music", "openness")
 
@@ -30,7 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         load_user_tasks(args.tasks_file, Store(args.store))
-        args.func(args)
+        executor = executor_from_args(args)
+        try:
+            with using(executor):  # every call of the command runs its tasks there
+                args.func(args)
+        finally:
+            executor.close()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
