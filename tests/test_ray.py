@@ -163,6 +163,30 @@ def test_a_killed_worker_is_retried_and_the_result_is_unchanged(local_ray, local
     assert torch.allclose(outcome["truth"].targets, local.targets, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_an_interrupted_run_cancels_its_tasks_and_resumes_from_the_store(local_ray, local_truth, tmp_path):
+    local, _ = local_truth
+    store = Store(tmp_path / "ray")
+
+    def interrupt_after_the_first_chunk(done, total, label):  # noqa: ANN001, ANN202 - as Ctrl-C would
+        if label == "ground-truth models" and done > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ground_truth(DIGITS, EvalSpec(M=6), store=store, device="cpu", chunk=2, executor=RayExecutor(workers=2),
+                     progress=interrupt_after_the_first_chunk)
+    deadline = time.monotonic() + 30
+    while _task_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _task_processes(), "outstanding tasks were cancelled"
+    kept = len(store.keys(SUBSET_TARGETS_KIND))
+    assert 2 <= kept < 6 and not store.keys(GROUND_TRUTH_KIND)  # whole chunks only, no ground truth yet
+    ex = CountingRay(workers=2)
+    resumed = ground_truth(DIGITS, EvalSpec(M=6), store=store, device="cpu", chunk=2, executor=ex)
+    assert resumed.meta["resumed_models"] == kept and ex.tasks == len(chunks(range(6 - kept), 2, 2))
+    assert torch.allclose(resumed.targets, local.targets, rtol=0, atol=1e-6)
+
+
 def _task_processes() -> list[int]:
     """Pids of Ray workers running a task now (Ray titles them ray::<function>)."""
     pids = []
