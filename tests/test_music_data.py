@@ -1,4 +1,5 @@
-"""Music datasets: a MAESTRO-shaped directory written here drives the real loader; chorales; snippets; CLI."""
+"""Music datasets: a MAESTRO-shaped directory (scripts/make_maestro_like.py) drives the real loader; chorales;
+snippets; CLI."""
 from __future__ import annotations
 
 import io
@@ -8,10 +9,11 @@ import wave
 
 import numpy as np
 import pandas as pd
-import pretty_midi
 import pytest
 import torch
 
+from scripts import make_maestro_like
+from scripts.make_maestro_like import write_maestro_like
 from tda_core.cli import main
 from tda_core.data import REGISTRY, load_dataset
 from tda_core.data import midi_codec as mc
@@ -19,22 +21,11 @@ from tda_core.data import music
 from tda_core.data.snippets import RELEASE_S, piano_roll, snippet, to_midi_bytes, to_wav_bytes
 from tda_core.errors import UserError
 from tda_core.objectives import IGNORE
+from tda_core.store import spec_key
+from tda_core.tasks import EPOCHS_ENV, get_task
 
 
-def piece(seed: int, n_notes: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    midi = pretty_midi.PrettyMIDI()
-    inst = pretty_midi.Instrument(0)
-    t = 0.0
-    for _ in range(n_notes):
-        t += float(rng.uniform(0.05, 0.3))
-        inst.notes.append(pretty_midi.Note(int(rng.integers(1, 128)), int(rng.integers(30, 90)), t,
-                                           t + float(rng.uniform(0.1, 0.8))))
-    midi.instruments.append(inst)
-    return mc.midi_bytes(midi)
-
-
-# (file, split, notes): 300 notes -> about 900 tokens -> 3 windows of 256
+# (file, split, notes): 300 notes -> about 1200 tokens -> 4 windows of 256; 0 notes -> a corrupt file
 FILES = [("2018/a.midi", "train", 300), ("2018/b.midi", "train", 300), ("2017/c.midi", "train", 200),
          ("2017/d.midi", "test", 300), ("2017/e.midi", "validation", 300), ("2018/broken.midi", "train", 0),
          ("2018/f.midi", "test", 150)]
@@ -43,16 +34,7 @@ FILES = [("2018/a.midi", "train", 300), ("2018/b.midi", "train", 300), ("2017/c.
 @pytest.fixture
 def maestro_root(tmp_path):
     root = tmp_path / "data"
-    folder = root / "maestro-v3.0.0"
-    rows = []
-    for k, (name, split, n_notes) in enumerate(FILES):
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(piece(k, n_notes) if n_notes else b"MThd\x00\x00\x00\x06garbage")
-        rows.append({"canonical_composer": "Composer", "canonical_title": f"Piece {k}", "split": split,
-                     "year": 2018, "midi_filename": name, "audio_filename": name.replace(".midi", ".wav"),
-                     "duration": 60.0})
-    pd.DataFrame(rows).to_csv(folder / "maestro-v3.0.0.csv", index=False)
+    write_maestro_like(root, FILES)
     return root
 
 
@@ -78,6 +60,43 @@ def test_maestro_loader_uses_csv_split_and_skips_corrupt_files(maestro_root, cap
             assert (x[i].numpy() == ref_x).all() and (y[i].numpy() == ref_y).all()
     assert (ds.y_train == IGNORE).sum() + (ds.y_test == IGNORE).sum() > 0  # last windows are padded
     assert (ds.x_train[ds.y_train == IGNORE] == mc.PAD).all()
+
+
+def test_maestro_like_script_writes_piano_performances_that_the_loader_reads(tmp_path):
+    args = ["--train", "2", "--test", "1", "--validation", "1", "--notes", "400"]
+    assert make_maestro_like.main([str(tmp_path / "data"), *args]) == 0
+    csv = music.maestro_csv(tmp_path / "data")
+    table = pd.read_csv(csv)
+    assert csv.name == "maestro-v3.0.0.csv" and list(table["split"]) == ["train", "train", "test", "validation"]
+    ds = load_dataset("maestro", tmp_path / "data")
+    assert ds.n_train >= 8 and ds.n_test >= 4  # about 4 tokens a note: 6 windows of 256 per file
+    midi = mc.read_midi(csv.parent / table["midi_filename"][0])
+    assert table["duration"][0] == pytest.approx(midi.get_end_time(), abs=1e-3)
+    piano = midi.instruments[0]
+    assert piano.program == 0 and len(piano.notes) >= 400
+    velocities = np.array([n.velocity for n in piano.notes])
+    pitches = np.array([n.pitch for n in piano.notes])
+    assert velocities.std() > 8 and 15 <= velocities.min() and velocities.max() <= 125  # dynamics, not one level
+    assert pitches.min() < 55 and pitches.max() > 72  # both hands
+    pedal = [c.value >= 64 for c in sorted(piano.control_changes, key=lambda c: c.time) if c.number == 64]
+    assert len(pedal) > 20 and pedal[::2] == [True] * len(pedal[::2]) and not any(pedal[1::2])  # down, up, ...
+    held, dry = mc.midi_notes(midi, sustain=True), mc.midi_notes(midi, sustain=False)
+    assert sum(n.end - n.start for n in held) > 1.5 * sum(n.end - n.start for n in dry)  # the pedal sustains
+    assert make_maestro_like.main([str(tmp_path / "again"), *args]) == 0  # the same arguments, the same bytes
+    again = music.maestro_csv(tmp_path / "again")
+    assert all((again.parent / f).read_bytes() == (csv.parent / f).read_bytes() for f in table["midi_filename"])
+
+
+def test_epochs_override_shortens_a_recipe_under_its_own_store_key(monkeypatch, capsys):
+    full = get_task("maestro-mt")
+    monkeypatch.setenv(EPOCHS_ENV, "2")
+    short = get_task("maestro-mt")
+    assert (full.recipe.epochs, short.recipe.epochs) == (20, 2) and short.model_kwargs == full.model_kwargs
+    assert spec_key({"task": short}) != spec_key({"task": full})
+    monkeypatch.setenv(EPOCHS_ENV, "two")
+    with pytest.raises(UserError, match="TDA_EPOCHS must be a positive whole number"):
+        get_task("maestro-mt")
+    assert main(["train", "--task", "digits-mlp"]) == 2 and "TDA_EPOCHS" in capsys.readouterr().err
 
 
 def test_maestro_conversion_is_cached_and_sampling_follows_sizes(maestro_root, store):
@@ -149,7 +168,7 @@ def test_snippet_cli_writes_midi_and_wav(maestro_root, tmp_path, capsys):
     assert main(["snippet", "--task", "maestro-mt", "--data-dir", str(maestro_root), "--split", "test",
                  "--index", "1", "--out", str(mid), "--wav", str(wav), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
-    assert row["file"] in {"2017/d.midi", "2018/f.midi"} and row["notes"] > 10
+    assert row["file"] in {"2017/d.midi", "2018/f.midi"} and row["notes"] > 10 and row["audio"] == "piano"
     assert len(mc.read_midi(mid.read_bytes()).instruments[0].notes) == row["notes"]
     assert wav.read_bytes()[:4] == b"RIFF"
     assert main(["snippet", "--task", "maestro-mt", "--data-dir", str(maestro_root), "--index", "999",

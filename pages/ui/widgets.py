@@ -9,6 +9,7 @@ import streamlit as st
 
 from tda_core.attribution import Attribution, scores_stored
 from tda_core.data import Dataset
+from tda_core.data.snippets import audio_renderer
 from tda_core.settings import Setting
 
 from .cached import cached_attribution, cached_snippet, plan_setting
@@ -63,6 +64,8 @@ def show_examples(dataset: Dataset, split: str, positions: list[int], captions: 
                 col.image(image, caption=text, width=size, output_format="PNG")
         return
     per_row = per_row or 2
+    if notice := audio_renderer().notice:  # the piano could not load: say so once above the players
+        st.caption(notice)
     for start in range(0, len(positions), per_row):
         cols = st.columns(per_row)
         for col, pos, text in zip(cols, positions[start:start + per_row], captions[start:start + per_row]):
