@@ -5,8 +5,10 @@ import streamlit as st
 
 from pages.ui.cached import cached_attribution, cached_ground_truth, cached_run, has_ground_truth, plan_setting
 from pages.ui.present import breakdown_table, human_bytes, plan_summary, seconds_per_model
+from pages.ui.scaling import app_executor, executor_note
 from pages.ui.state import current_setting, friendly_errors
 from pages.ui.widgets import StreamlitProgress, is_ready
+from tda_core.executors import using
 from tda_core.results import append_results, is_recorded
 from tda_core.specs import EvalSpec
 from tda_core.store import Store
@@ -34,12 +36,13 @@ if not work.fits:
              icon=":material/memory:")
     st.stop()
 
+executor_note()
 ready = is_ready(setting)
 if ready or st.button("Run", type="primary", icon=":material/play_arrow:", key="build_run"):
     if not ready:
         st.caption("Stop with the Stop button at the top right; finished artifacts stay in the store, unfinished "
                    "ones are never written, so a rerun resumes.")
-    with friendly_errors():
+    with friendly_errors(), using(app_executor()):
         attribution = cached_attribution(setting, StreamlitProgress("Training and attributing"))
     st.session_state.setdefault("_computed", set()).add(setting)
 
@@ -61,7 +64,7 @@ if ready or st.button("Run", type="primary", icon=":material/play_arrow:", key="
                     runs=e[2].number_input("Runs per subset R", 1, 10, 1, key="build_runs"))
     store = Store()
     if has_ground_truth(setting.task, spec):
-        with friendly_errors():
+        with friendly_errors(), using(app_executor()):
             result = cached_run(setting, spec)
         st.metric("LDS", f"{result.lds:.3f} ± {result.lds_sem:.3f}",
                   help=f"mean ± standard error over {result.n_eval} test examples (the validation split is held out)")
@@ -77,6 +80,6 @@ if ready or st.button("Run", type="primary", icon=":material/play_arrow:", key="
                 f"took {per_model:.1f} s here when trained alone). It is stored and shared by every setting.",
                 icon=":material/info:")
         if st.button("Compute the ground truth", key="build_gt"):
-            with friendly_errors():
+            with friendly_errors(), using(app_executor()):
                 cached_ground_truth(setting.task, spec, StreamlitProgress("Training the subset models"))
             st.rerun()

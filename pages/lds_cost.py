@@ -4,8 +4,10 @@ from __future__ import annotations
 import streamlit as st
 
 from pages.ui.present import method_label, projection_label, results_display
+from pages.ui.scaling import app_executor, executor_note
 from pages.ui.state import current_setting, friendly_errors
 from pages.ui.widgets import StreamlitProgress
+from tda_core.executors import using
 from tda_core.experiments import GRIDS, plan_sweep, sweep, sweep_settings
 from tda_core.methods import METHODS
 from tda_core.projections import PROJECTIONS
@@ -33,6 +35,7 @@ with st.expander(f":material/play_circle: Run a grid sweep for {setting.task.nam
                                    key="sweep_proj")
     subsets = c[3].number_input("Subsets M", 2, 500, 50, key="sweep_M")
     spec = EvalSpec(M=int(subsets))
+    executor_note()
     b = st.columns([1, 1, 4])
     if b[0].button("Estimate the work", key="sweep_plan", disabled=not (methods and projections)):
         with friendly_errors():
@@ -41,7 +44,7 @@ with st.expander(f":material/play_circle: Run a grid sweep for {setting.task.nam
     if b[1].button("Run the sweep", type="primary", key="sweep_run", disabled=not (methods and projections)):
         st.caption("Each finished setting is appended to the results table at once; stopping keeps them.")
         progress = StreamlitProgress("Running the sweep")
-        with friendly_errors():
+        with friendly_errors(), using(app_executor()):
             sweep(setting.task, methods, grid, projections=projections, eval_spec=spec,
                   damping=setting.method.damping, progress=progress)
         progress.finish()

@@ -26,7 +26,9 @@ from .context import Context, resolve
 from .costs import Costs, Ledger
 from .data import Dataset, load_dataset
 from .device import describe_device
-from .ensembles import Member, base_seeds, build_members, check_setting, differentiated_model, member_labels
+from .ensembles import (Member, MemberContext, base_seeds, build_member, check_setting, differentiated_model,
+                        member_labels, members_per_model, needs_preparing, prepare_member)
+from .executors import Executor, Task, in_order
 from .errors import UserError
 from .features import Features, GradientSource, all_param_names, compute_features, derive_seed, sample_labels
 from .methods import SOLVE_BATCH_BYTES, MemberAverage, MemberScores, kernel_identity, member_scores
@@ -34,7 +36,7 @@ from .progress import Progress, report
 from .projections import FeatureMap, reuse_dense_matrix
 from .specs import EnsembleSpec, MethodSpec, TaskSpec, method_record, projection_class
 from .store import Store, spec_key
-from .training import CHECKPOINT_KIND, checkpoint_key, dataset_fingerprint, init_model, load_or_train
+from .training import CHECKPOINT_KIND, TrainedModel, checkpoint_key, dataset_fingerprint, init_model, load_or_train
 
 FEATURE_KIND = "features"
 TEST_FEATURE_KIND = "test_features"
@@ -389,48 +391,91 @@ def _count(ledger: Ledger, timings: dict[str, float], loaded: bool, cached_name:
 
 def attribute(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, *, store: Store | None = None,
               device: str = "auto", dampings: Sequence[float] | None = None, test_positions=None,
-              progress: Progress | None = None) -> Attribution:
+              progress: Progress | None = None, executor: Executor | str | None = None) -> Attribution:
     """Attribution scores [n_train, n_test] of the ensemble's members, averaged, with their costs.
 
     `dampings`: extra relative dampings c (TRAK / IF) whose scores come back in
     `scores_by_damping`, computed from the same features (for tuning c on a validation split);
     `scores` uses `method.damping` (None, meaning "tune it", scores with the default c = 1).
     `test_positions`: positions in the test split to score (default all).
+    `executor`: where base models, adapter fine-tunes and members run (tda_core/executors.py; default local).
     Raises UserError (saying what would fit) when the memory estimate of `plan` exceeds the budget.
     """
     t_call = time.perf_counter()
-    task, ctx = resolve(task, store, device, progress)
+    task, ctx = resolve(task, store, device, progress, executor)
     request = _request(task, method, ensemble, ctx, dampings, test_positions)
     stored = _stored_attribution(request, ctx, t_call)
     if stored is not None:
         return stored
     ledger = Ledger()
     bases = load_or_train(task, base_seeds(ensemble), store=ctx.store, device=ctx.device, dataset=request.dataset,
-                          progress=ctx.progress)
-    t_serve = time.perf_counter()
+                          progress=ctx.progress, executor=ctx.executor)
     ledger.add({"base_train_s": sum(b.train_s for b in bases), "load_s": sum(b.load_s for b in bases)})
     ledger.space_bytes += sum(b.nbytes for b in bases)
-    average, members, feature_bytes, uncovered, finetune_now = MemberAverage(), [], {}, {}, 0.0
-    with reuse_dense_matrix():  # members sharing a projection seed generate its dense matrix once
-        for i, member in enumerate(build_members(task, ensemble, method, bases, request.dataset, ctx.store,
-                                                 ctx.device, request.test_pos)):
-            members.append(member.description)
-            finetune_now += member.finetune_now_s
-            average.add(_score_member(member, request, ctx, ledger, feature_bytes, uncovered))
-            report(ctx.progress, i + 1, ensemble.n_members, "members")
-    return _finish(request, ctx, ledger, average, members, feature_bytes, list(uncovered), t_serve + finetune_now)
+    jobs = [(base, j) for base in bases for j in range(members_per_model(ensemble))]
+    if needs_preparing(ensemble):  # LoRA adapters: fine-tuned (or found stored) before members are built
+        ctx.executor.for_each([Task(prepare_member_task, (request, base, j)) for base, j in jobs], ctx,
+                              lambda i, _: report(ctx.progress, i + 1, len(jobs), "fine-tunes"))
+    t_serve = time.perf_counter()
+    average, members, feature_bytes, uncovered, finetune_now = MemberAverage(), [], {}, {}, []
+
+    def add(i: int, done: ScoredMember) -> None:
+        members.append(done.description)
+        finetune_now.append(done.finetune_now_s)
+        ledger.merge(done.ledger)
+        feature_bytes.update(done.feature_bytes)
+        uncovered.update(dict.fromkeys(done.uncovered))
+        average.add(done.scores)
+        report(ctx.progress, i + 1, ensemble.n_members, "members")
+
+    with reuse_dense_matrix():  # members sharing a projection seed (run here) generate its dense matrix once
+        ctx.executor.for_each([Task(score_member_task, (request, base, j)) for base, j in jobs], ctx, in_order(add))
+    return _finish(request, ctx, ledger, average, members, feature_bytes, list(uncovered),
+                   t_serve + sum(finetune_now), t_call)
+
+
+@dataclasses.dataclass
+class ScoredMember:
+    """What a member's task hands back: its scores, what it cost, the bytes of the features it cached and the
+    parameters its projection leaves out."""
+
+    scores: MemberScores
+    ledger: Ledger
+    description: str
+    feature_bytes: dict[str, int]
+    finetune_now_s: float
+    uncovered: list[str]
+
+
+def _member_context(request: _Request, ctx: Context) -> MemberContext:
+    return MemberContext(request.task, request.ensemble, request.method, request.dataset, ctx.store, ctx.device,
+                         request.test_pos)
+
+
+def prepare_member_task(ctx: Context, request: _Request, base: TrainedModel, j: int) -> None:
+    """Task: the ensemble kind's stored work for member j of `base` (a LoRA fine-tune)."""
+    prepare_member(_member_context(request, ctx), base, j)
+
+
+def score_member_task(ctx: Context, request: _Request, base: TrainedModel, j: int) -> ScoredMember:
+    """Task: member j of `base`, built, featurized (training features cached in the store) and scored."""
+    member = build_member(_member_context(request, ctx), base, j)
+    ledger, feature_bytes, uncovered = Ledger(), {}, {}
+    scores = _score_member(member, request, ctx, ledger, feature_bytes, uncovered)
+    return ScoredMember(scores, ledger, member.description, feature_bytes, member.finetune_now_s, list(uncovered))
 
 
 def _finish(request: _Request, ctx: Context, ledger: Ledger, average: MemberAverage, members: list[str],
-            feature_bytes: dict[str, int], uncovered: list[str], t_serve: float) -> Attribution:
+            feature_bytes: dict[str, int], uncovered: list[str], t_serve: float, t_call: float) -> Attribution:
     """Average the members, close the costs and save the score matrices (`t_serve`: when serving started,
-    moved later by the seconds spent fine-tuning)."""
+    moved later by the seconds spent fine-tuning; `t_call`: when the call started, for its wall clock)."""
     with ledger.time("combine_s"):
         result = {c: s.float().cpu() for c, s in average.result().items()}
     ledger.serve_s += ledger.seconds["combine_s"]
     ledger.space_bytes += sum(feature_bytes.values())
-    costs = ledger.costs(request.ensemble.n_trained, len(members), describe_device(ctx.device),
-                         time.perf_counter() - t_serve)
+    now = time.perf_counter()
+    costs = ledger.costs(request.ensemble.n_trained, len(members), describe_device(ctx.device), now - t_serve,
+                         now - t_call, ctx.executor.workers)
     tensors = {"scores": result[request.main]} | {f"c={c}": s for c, s in result.items()
                                                    if c is not None and c != request.main}
     ctx.store.save(SCORE_KIND, request.key, tensors,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Iterator
 
@@ -96,6 +97,9 @@ class EnsembleKind:
     differentiated: Callable[[nn.Module, EnsembleSpec], nn.Module] | None = None  # what members differentiate
     check: Callable[[TaskSpec, MethodSpec, EnsembleSpec], None] | None = None  # refuse what it cannot do
     description: str = ""
+    # stored work member j of a model needs before it is built (LoRA: its adapter's fine-tune), run as a task of
+    # its own before the members, so that members can then be built one at a time (what it returns is unused)
+    prepare: Callable[[MemberContext, TrainedModel, int], object] | None = None
 
 
 ENSEMBLES: Registry[EnsembleKind] = Registry("ensemble")
@@ -123,8 +127,7 @@ def member_label(ensemble: EnsembleSpec, base_seed: int, j: int) -> str:
 
 def member_labels(ensemble: EnsembleSpec) -> list[str]:
     """One description per member, in the order members are built."""
-    per_model = ENSEMBLES.get(ensemble.kind).members_per_model(ensemble)
-    return [member_label(ensemble, s, j) for s in base_seeds(ensemble) for j in range(per_model)]
+    return [member_label(ensemble, s, j) for s in base_seeds(ensemble) for j in range(members_per_model(ensemble))]
 
 
 def check_setting(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec) -> None:
@@ -148,6 +151,28 @@ def build_members(task: TaskSpec, ensemble: EnsembleSpec, method: MethodSpec, ba
     build = ENSEMBLES.get(ensemble.kind).build
     for base in bases:
         yield from build(ctx, base)
+
+
+def members_per_model(ensemble: EnsembleSpec) -> int:
+    """Members built from each base model."""
+    return ENSEMBLES.get(ensemble.kind).members_per_model(ensemble)
+
+
+def needs_preparing(ensemble: EnsembleSpec) -> bool:
+    """True when the kind has stored work to do per member before members are built (`EnsembleKind.prepare`)."""
+    return ENSEMBLES.get(ensemble.kind).prepare is not None
+
+
+def prepare_member(ctx: MemberContext, base: TrainedModel, j: int) -> None:
+    """The kind's stored work for member j of `base` (see `EnsembleKind.prepare`)."""
+    prepare = ENSEMBLES.get(ctx.ensemble.kind).prepare
+    if prepare is not None:
+        prepare(ctx, base, j)
+
+
+def build_member(ctx: MemberContext, base: TrainedModel, j: int) -> Member:
+    """Member j of `base` alone (the builder passes the earlier ones, which cost little once prepared)."""
+    return next(itertools.islice(ENSEMBLES.get(ctx.ensemble.kind).build(ctx, base), j, None))
 
 
 # --- naive and the projection-seed control ------------------------------------------------------------
@@ -269,12 +294,16 @@ def lora_test_losses(task: str | TaskSpec, ensemble: EnsembleSpec, *, store: Sto
     return pd.DataFrame(rows)
 
 
+def _adapter(ctx: MemberContext, base: TrainedModel, li: int) -> tuple[nn.Module, float, int, str, bool]:
+    return load_or_finetune_lora(ctx.task, ctx.ensemble, base, ctx.dataset, ctx.store, ctx.device,
+                                 adapter_seed(ctx.ensemble, base.seed, li))
+
+
 def _lora_members(ctx: MemberContext, base: TrainedModel) -> Iterator[Member]:
     ens = ctx.ensemble
     for li in range(ens.L):
         t0 = time.perf_counter()
-        peft_model, finetune_s, nbytes, key, loaded = load_or_finetune_lora(
-            ctx.task, ens, base, ctx.dataset, ctx.store, ctx.device, adapter_seed(ens, base.seed, li))
+        peft_model, finetune_s, nbytes, key, loaded = _adapter(ctx, base, li)
         finetune_now_s = 0.0 if loaded else time.perf_counter() - t0
         if ens.lora_grad == "merged":
             net = copy.deepcopy(peft_model).merge_and_unload().eval().requires_grad_(True)  # peft froze it
@@ -305,7 +334,7 @@ register_kind(EnsembleKind(
     "lora", "LoRA (I x L)", _lora_members, lambda e: e.L, "L", "LoRA fine-tunes",
     ("lora_rank", "lora_alpha", "lora_epochs", "lora_lr", "lora_grad", "shared_projection"),
     lambda e, j: f", adapter seed {j}", differentiated=_lora_differentiated,
-    description="member (i, l): model i after a short LoRA fine-tune with its own seed"))
+    description="member (i, l): model i after a short LoRA fine-tune with its own seed", prepare=_adapter))
 register_kind(EnsembleKind(
     "proj-seeds", "control: projection seeds (I x P)", _projection_seed_members, lambda e: e.P, "P",
     "projection seeds", (), lambda e, j: f", projection {j}",

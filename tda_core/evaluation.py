@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from .data import Dataset, load_dataset
-from .context import resolve
+from .context import Context, resolve
 from .errors import UserError
+from .executors import Executor, Task, chunks
 from .objectives import target
 from .progress import Progress, report
 from .specs import EvalSpec, TaskSpec
@@ -107,13 +108,15 @@ def missing_models(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None
 
 
 def ground_truth(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None, device: str | torch.device = "auto",
-                 dataset: Dataset | None = None, chunk: int = DEFAULT_CHUNK,
-                 progress: Progress | None = None) -> GroundTruth:
-    """Train M x R subset models (chunks of `chunk` at once with `train_many`) and record their test targets.
+                 dataset: Dataset | None = None, chunk: int = DEFAULT_CHUNK, progress: Progress | None = None,
+                 executor: Executor | str | None = None) -> GroundTruth:
+    """Train M x R subset models (chunks of `chunk` at once with `train_many`, one executor task per chunk) and
+    record their test targets.
 
-    Resumable: each finished model's targets are stored, so a rerun trains only what is missing.
+    Resumable: each finished model's targets are stored, so a rerun trains only what is missing. With more than
+    one worker the chunks shrink so that every worker gets one.
     """
-    task, ctx = resolve(task, store, device)
+    task, ctx = resolve(task, store, device, progress, executor)
     store, device = ctx.store, ctx.device
     dataset = dataset or load_dataset(task.dataset)
     if chunk < 1:
@@ -123,6 +126,7 @@ def ground_truth(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None, 
     if found is not None:
         return GroundTruth(task.name, spec, found.tensors["subsets"], found.tensors["targets"], key, found.meta)
 
+    t_wall = time.perf_counter()
     subsets = draw_subsets(dataset.n_train, spec)
     jobs = [(j, r) for j in range(spec.M) for r in range(spec.runs)]
     keys = {job: _model_key(task, dataset, spec, *job, device) for job in jobs}
@@ -142,29 +146,54 @@ def ground_truth(task: TaskSpec, spec: EvalSpec, *, store: Store | None = None, 
     missing = load_stored(jobs)
     resumed = len(values)
     report(progress, len(values), len(jobs), "ground-truth models")
-    for start in range(0, len(missing), chunk):
-        with store.lock_keys(SUBSET_TARGETS_KIND, [keys[job] for job in missing[start:start + chunk]]):
-            part = load_stored(missing[start:start + chunk])  # another process may have trained them meanwhile
-            if not part:
-                continue
-            t0 = time.perf_counter()
-            models = train_many(task, dataset, [run_seed(spec, j, r) for j, r in part],
-                                [subsets[j] for j, _ in part], device, progress)  # reports epochs of this chunk
-            per_model_s = (time.perf_counter() - t0) / len(part)
-            for (j, r), model in zip(part, models):
-                values[(j, r)] = target_values(model, dataset, task.sequence)
-                store.save(SUBSET_TARGETS_KIND, keys[(j, r)], {"targets": values[(j, r)]},
-                           {"task": task.name, "subset": j, "run": r, "seed": run_seed(spec, j, r),
-                            "train_s": per_model_s, "trained_together": len(part), "device": device.type})
-            train_s += per_model_s * len(part)
+
+    def arrived(_: int, trained: dict[tuple[int, int], tuple[torch.Tensor, float]]) -> None:
+        nonlocal train_s
+        for job, (targets, seconds) in trained.items():
+            values[job] = targets
+            train_s += seconds
         report(progress, len(values), len(jobs), "ground-truth models")
+
+    workers = ctx.executor.workers if missing else 1
+    ctx.executor.for_each([Task(train_subset_models, (task, dataset, spec, part, [keys[job] for job in part]))
+                           for part in chunks(missing, chunk, workers)], ctx, arrived)
 
     targets = torch.stack([torch.stack([values[(j, r)] for r in range(spec.runs)]) for j in range(spec.M)])
     meta = {"task": task.name, "eval": dataclasses.asdict(spec), "device": device.type, "n_train": dataset.n_train,
             "n_test": dataset.n_test, "train_s": train_s, "resumed_models": resumed,
-            "target": "token log-likelihood" if task.sequence else "margin"}
+            "target": "token log-likelihood" if task.sequence else "margin",
+            "wall_s": time.perf_counter() - t_wall, "workers": workers, "executor": ctx.executor.name}
     art = store.save(GROUND_TRUTH_KIND, key, {"subsets": torch.from_numpy(subsets), "targets": targets}, meta)
     return GroundTruth(task.name, spec, art.tensors["subsets"], targets, key, meta)
+
+
+def train_subset_models(ctx: Context, task: TaskSpec, dataset: Dataset, spec: EvalSpec, part: list[tuple[int, int]],
+                        keys: list[str]) -> dict[tuple[int, int], tuple[torch.Tensor, float]]:
+    """Task: train one chunk of subset models together (`train_many`) and store each model's test targets under
+    the key the driver handed out. Returns {(subset j, run r): (targets, training seconds per model)}."""
+    trained = {}
+    with ctx.store.lock_keys(SUBSET_TARGETS_KIND, keys):
+        todo = []
+        for job, key in zip(part, keys):  # another process may have trained some meanwhile
+            art = ctx.store.load(SUBSET_TARGETS_KIND, key)
+            if art is None:
+                todo.append((job, key))
+            else:
+                trained[job] = (art.tensors["targets"], float(art.meta["train_s"]))
+        if not todo:
+            return trained
+        t0 = time.perf_counter()
+        models = train_many(task, dataset, [run_seed(spec, j, r) for (j, r), _ in todo],
+                            [draw_subset(dataset.n_train, spec, j) for (j, _), _ in todo], ctx.device,
+                            ctx.progress)  # reports epochs of this chunk
+        per_model_s = (time.perf_counter() - t0) / len(todo)
+        for ((j, r), key), model in zip(todo, models):
+            targets = target_values(model, dataset, task.sequence)
+            ctx.store.save(SUBSET_TARGETS_KIND, key, {"targets": targets},
+                           {"task": task.name, "subset": j, "run": r, "seed": run_seed(spec, j, r),
+                            "train_s": per_model_s, "trained_together": len(todo), "device": ctx.device.type})
+            trained[(j, r)] = (targets, per_model_s)
+    return trained
 
 
 # --- LDS ---------------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ import torch
 
 from . import attribution
 from .comparison import DEFAULT_RESAMPLES, PairedComparison, paired_bootstrap
-from .context import resolve
+from .context import Context, resolve
 from .costs import Costs
-from .data import load_dataset
+from .data import Dataset, load_dataset
+from .data.base import remember_dataset
 from .ensembles import base_seeds, check_setting
 from .errors import UserError, unknown_choice
+from .executors import Executor, Task
 from .evaluation import (Ceiling, GroundTruth, ground_truth, ground_truth_ceiling, lds_against, lds_of_examples,
                          missing_models)
 from .progress import Progress, report
@@ -29,6 +31,7 @@ from .results import RESULTS_TABLE, results_for, setting_label
 from .settings import describe
 from .specs import EnsembleSpec, EvalSpec, MethodSpec, TaskSpec, method_record
 from .store import Store, spec_key
+from .training import load_or_train
 
 DAMPING_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 VALIDATION_FRACTION = 0.2
@@ -37,7 +40,7 @@ REPLICATE_SEED_STRIDE = 1000  # replicate r trains base models from ensemble see
 ROW_COLUMNS = ("task", "method", "proj", "proj_dim", "ensemble", "I", "D", "L", "P", "shared_projection", "lds",
                "lds_sem", "lds_rep_se", "replicates", "damping", "damping_tuned", "lds_validation", "n_eval",
                "train_s", "serve_s", "space_bytes", "n_trained", "n_members", "device", "M", "alpha", "runs",
-               "reliability", "ceiling", "proj_dtype", "setting_key")
+               "reliability", "ceiling", "proj_dtype", "setting_key", "wall_s", "workers")
 
 
 # --- the validation split -----------------------------------------------------------------------
@@ -97,7 +100,7 @@ class Result:
                 "n_trained": c.n_trained, "n_members": c.n_members, "device": c.device, "M": self.eval.M,
                 "alpha": self.eval.alpha, "runs": self.eval.runs, "reliability": self.ceiling.mean_reliability,
                 "ceiling": self.ceiling.ceiling, "proj_dtype": self.method.proj_dtype,
-                "setting_key": self.setting_key}
+                "setting_key": self.setting_key, "wall_s": c.wall_s, "workers": c.workers}
 
 
 def versions() -> dict[str, str]:
@@ -141,28 +144,30 @@ def _mean_costs(costs: list[Costs]) -> Costs:
         first, train_s=float(np.mean([c.train_s for c in costs])), serve_s=float(np.mean([c.serve_s for c in costs])),
         space_bytes=int(np.mean([c.space_bytes for c in costs])),
         serve_now_s=float(np.mean([c.serve_now_s for c in costs])), from_store=all(c.from_store for c in costs),
+        wall_s=float(np.mean([c.wall_s for c in costs])), workers=max(c.workers for c in costs),
         breakdown={k: float(np.mean([c.breakdown.get(k, 0.0) for c in costs])) for k in sorted(keys)})
 
 
 def run(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, eval_spec: EvalSpec = EvalSpec(), *,
         store: Store | None = None, device: str = "auto", dampings: Sequence[float] = DAMPING_GRID,
         validation_fraction: float = VALIDATION_FRACTION, truth: GroundTruth | None = None, replicates: int = 1,
-        progress: Progress | None = None) -> Result:
+        progress: Progress | None = None, executor: Executor | str | None = None) -> Result:
     """Attribute with one setting (`replicates` times, each with its own seeds) and score it by LDS on the
     evaluation split (damping tuned per replicate on the validation split); every stored artifact is reused."""
-    task, ctx = resolve(task, store, device, progress)
+    task, ctx = resolve(task, store, device, progress, executor)
     store, dev = ctx.store, ctx.device
     if not isinstance(replicates, int) or replicates < 1 or replicates > 100:
         raise UserError(f"replicates must be an integer in 1..100, got {replicates!r}")
     check_setting(task, method, ensemble)  # refuse before any work
-    truth = truth or ground_truth(task, eval_spec, store=store, device=dev, progress=progress)
+    truth = truth or ground_truth(task, eval_spec, store=store, device=dev, progress=progress, executor=ctx.executor)
     val, rest = validation_split(truth.values.shape[1], eval_spec.seed, validation_fraction)
     tuned = tunes_damping(method)
     atts, chosen, per_example, per_validation, validation = [], [], [], [], {}
     for r in range(replicates):
         m_r, e_r = replicate_specs(method, ensemble, r)
         att = attribution.attribute(task, m_r, e_r, store=store, device=dev,
-                                    dampings=list(dampings) if tuned else None, progress=progress)
+                                    dampings=list(dampings) if tuned else None, progress=progress,
+                                    executor=ctx.executor)
         damping, scores = att.damping, att.scores
         if tuned:
             grid = {float(c) for c in dampings}  # attribute also scores its main c, which may lie off the grid
@@ -393,13 +398,14 @@ def sweep(task: str | TaskSpec, methods: Sequence[str], grid: str = "paper", *,
           projections: Sequence[str] = ("kron",), eval_spec: EvalSpec = EvalSpec(), damping: float | None = None,
           template: MethodSpec | None = None, replicates: int = 1, dampings: Sequence[float] = DAMPING_GRID,
           store: Store | None = None, device: str = "auto", table: str = RESULTS_TABLE,
-          progress: Progress | None = None) -> pd.DataFrame:
-    """Run every setting of a grid not yet in the results table, appending one row per setting as it finishes.
-    Damped methods without a fixed damping tune c over `dampings` (part of each row's setting key).
+          progress: Progress | None = None, executor: Executor | str | None = None) -> pd.DataFrame:
+    """Run every setting of a grid not yet in the results table (one executor task per setting), appending one
+    row per setting as it finishes; only this process appends to the table. Damped methods without a fixed
+    damping tune c over `dampings` (part of each row's setting key).
 
     Returns the rows of all the grid's settings (new and earlier), in grid order.
     """
-    task, ctx = resolve(task, store, device, progress)
+    task, ctx = resolve(task, store, device, progress, executor)
     store, device = ctx.store, ctx.device
     pairs = sweep_settings(methods, grid, projections, damping, template=template)
     sp = plan_sweep(task, pairs, eval_spec, store=store, device=device, table=table, replicates=replicates,
@@ -407,12 +413,33 @@ def sweep(task: str | TaskSpec, methods: Sequence[str], grid: str = "paper", *,
     if not sp.fits:
         raise UserError(sp.message)
     pending = sp.pending
-    truth = ground_truth(task, eval_spec, store=store, device=device, progress=progress) if pending else None
-    for n, (method, ens, key) in enumerate(pending):
-        with store.lock("settings", key):  # a concurrent sweep computes each setting once; the other skips it
-            if key not in set(store.read_table(table).get("setting_key", [])):
-                result = run(task, method, ens, eval_spec, store=store, device=device, dampings=dampings,
-                             truth=truth, replicates=replicates, progress=progress)
-                store.append_rows(table, [result.row()], unique_by="setting_key")
-        report(progress, n + 1, len(pending), "settings")
+    if pending:
+        truth = ground_truth(task, eval_spec, store=store, device=device, progress=progress, executor=ctx.executor)
+        dataset = load_dataset(task.dataset)
+        if ctx.executor.workers > 1:  # settings running side by side share their base models: train them first
+            seeds = {s for m, e, _ in pending for r in range(replicates)
+                     for s in base_seeds(replicate_specs(m, e, r)[1])}
+            load_or_train(task, sorted(seeds), store=store, device=device, dataset=dataset, progress=progress,
+                          executor=ctx.executor)
+        finished = []
+
+        def record(i: int, row: dict) -> None:
+            store.append_rows(table, [row], unique_by="setting_key")
+            finished.append(i)
+            report(progress, len(finished), len(pending), "settings")
+
+        ctx.executor.for_each([Task(run_setting, (task, dataset, m, e, eval_spec, truth, replicates,
+                                                  tuple(dampings), key)) for m, e, key in pending], ctx, record)
     return results_for(store.read_table(table), [key for _, _, key in sp.settings])
+
+
+def run_setting(ctx: Context, task: TaskSpec, dataset: Dataset, method: MethodSpec, ensemble: EnsembleSpec,
+                eval_spec: EvalSpec, truth: GroundTruth, replicates: int, dampings: Sequence[float],
+                key: str) -> dict:
+    """Task: one sweep setting (`run`, with everything inside it run where the task runs); its results row.
+    Under the setting's lock, so a concurrent sweep waits and then reads the stored scores instead of
+    computing them again."""
+    remember_dataset(task.dataset, dataset)
+    with ctx.store.lock("settings", key):
+        return run(task, method, ensemble, eval_spec, store=ctx.store, device=ctx.device, dampings=dampings,
+                   truth=truth, replicates=replicates, progress=ctx.progress, executor=ctx.executor).row()

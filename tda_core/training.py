@@ -22,8 +22,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from .context import Context
 from .data import Dataset, load_dataset
 from .device import resolve_device
+from .executors import Executor, Task, as_executor, chunks
 from .models.dropout import draw_masks, draw_stacked_masks, mask_shapes, use_masks
 from .objectives import IGNORE, per_example_loss
 from .progress import Progress, report
@@ -248,8 +250,10 @@ class TrainedModel:
 
 def load_or_train(task: TaskSpec, seeds: Sequence[int], subsets: Sequence[np.ndarray | None] | None = None,
                   store: Store | None = None, device: str | torch.device = "auto",
-                  dataset: Dataset | None = None, progress: Progress | None = None) -> list[TrainedModel]:
-    """Models for (task, seed[, subset]): loaded from the store when present, else trained together and stored."""
+                  dataset: Dataset | None = None, progress: Progress | None = None,
+                  executor: Executor | str | None = None) -> list[TrainedModel]:
+    """Models for (task, seed[, subset]): loaded from the store when present, else trained together (one executor
+    task per chunk of the missing models: a single chunk locally) and stored."""
     device = resolve_device(device) if isinstance(device, str) else device
     store = store or Store()
     dataset = dataset or load_dataset(task.dataset)
@@ -270,18 +274,39 @@ def load_or_train(task: TaskSpec, seeds: Sequence[int], subsets: Sequence[np.nda
         return [k for k in positions if k not in results]
 
     missing = load_stored(range(len(keys)))
-    with store.lock_keys(CHECKPOINT_KIND, [keys[k] for k in missing]):
-        missing = load_stored(missing)  # another process may have trained them while we waited
-        if missing:
-            t0 = time.perf_counter()
-            models = train_many(task, dataset, [seeds[k] for k in missing], [subsets[k] for k in missing], device,
-                                progress)
-            per_model_s = (time.perf_counter() - t0) / len(missing)
-            for k, model in zip(missing, models):
-                metrics = evaluate(model, dataset.x_test, dataset.y_test, task.sequence)
-                meta = {"task": task.name, "seed": seeds[k], "subset": subset_digest(subsets[k]),
-                        "train_s": per_model_s, "device": device.type, "metrics": metrics,
-                        "trained_together": len(missing)}
-                art = store.save(CHECKPOINT_KIND, keys[k], model.state_dict(), meta)
-                results[k] = TrainedModel(task, seeds[k], model, keys[k], per_model_s, False, 0.0, art.nbytes, metrics)
+    if missing:
+        ctx = Context(store, device, progress, as_executor(executor))
+        parts, trained = chunks(missing, len(missing), ctx.executor.workers), []
+
+        def arrived(i: int, _: None) -> None:
+            trained.extend(parts[i])
+            report(progress, len(trained), len(missing), "models trained")
+
+        ctx.executor.for_each([Task(train_models, (task, dataset, [seeds[k] for k in part],
+                                                   [subsets[k] for k in part], [keys[k] for k in part]))
+                               for part in parts], ctx, arrived)
+        load_stored(trained)  # just trained: what it cost is in the stored metadata
+        for k in trained:
+            results[k] = dataclasses.replace(results[k], loaded=False, load_s=0.0)
     return [results[k] for k in range(len(keys))]
+
+
+def train_models(ctx: Context, task: TaskSpec, dataset: Dataset, seeds: list[int], subsets: list[np.ndarray | None],
+                 keys: list[str]) -> None:
+    """Task: train models together (`train_many`) and store each under the checkpoint key the driver handed out,
+    with its test metrics and its share of the training seconds. Under the keys' locks: what another process
+    stored meanwhile is not trained again."""
+    with ctx.store.lock_keys(CHECKPOINT_KIND, keys):
+        todo = [i for i, key in enumerate(keys) if not ctx.store.has(CHECKPOINT_KIND, key)]
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        models = train_many(task, dataset, [seeds[i] for i in todo], [subsets[i] for i in todo], ctx.device,
+                            ctx.progress)
+        per_model_s = (time.perf_counter() - t0) / len(todo)
+        for i, model in zip(todo, models):
+            metrics = evaluate(model, dataset.x_test, dataset.y_test, task.sequence)
+            meta = {"task": task.name, "seed": seeds[i], "subset": subset_digest(subsets[i]),
+                    "train_s": per_model_s, "device": ctx.device.type, "metrics": metrics,
+                    "trained_together": len(todo)}
+            ctx.store.save(CHECKPOINT_KIND, keys[i], model.state_dict(), meta)

@@ -141,7 +141,7 @@ def _check_model(task: TaskSpec, dataset: Dataset, n_classes: int) -> None:
     try:
         train_many(dataclasses.replace(task, recipe=dataclasses.replace(task.recipe, epochs=1, batch_size=2)),
                    tiny, [0], device="cpu")
-        compute_features(GradientSource(model, all_param_names(model), False), x, y)
+        compute_features(GradientSource(model, all_param_names(model), False), x, y)  # exact gradients
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - turned into a message naming the cause
@@ -347,3 +347,20 @@ def task_table() -> pd.DataFrame:
                      "model": task.model, "recipe": f"{r.optimizer} lr {r.lr:g}, batch {r.batch_size}, "
                                                     f"{r.epochs} epochs", "description": task.description})
     return pd.DataFrame(rows)
+
+
+# --- other processes -----------------------------------------------------------------------------------
+def user_registrations() -> dict[str, dict]:
+    """This process's user tasks with their datasets and models, for another process (a Ray worker) to install
+    with `install_registrations` (built-in tasks are there already)."""
+    tasks = {name: TASKS[name] for name in ORIGINS if name in TASKS}
+    return {"tasks": tasks,
+            "datasets": {t.dataset: REGISTRY[t.dataset] for t in tasks.values() if t.dataset in REGISTRY},
+            "models": {t.model: MODELS[t.model] for t in tasks.values() if t.model in MODELS}}
+
+
+def install_registrations(registrations: Mapping[str, Mapping]) -> None:
+    """Register what `user_registrations` gathered in another process."""
+    for registry, entries in ((TASKS, registrations["tasks"]), (REGISTRY, registrations["datasets"]),
+                              (MODELS, registrations["models"])):
+        registry.update(entries)

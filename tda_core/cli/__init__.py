@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..executors import using
 from ..paths import store_dir
 from ..store import Store, store_problem
 from ..user_tasks import load_user_tasks
-from .common import common_options
+from .common import common_options, executor_from_args
 
 COMMAND_MODULES = ("core", "attribution", "evaluation", "music", "openness")
 
@@ -56,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         load_user_tasks(args.tasks_file, Store(args.store))
-        args.func(args)
+        executor = executor_from_args(args)
+        try:
+            with using(executor):  # every call of the command runs its tasks there
+                args.func(args)
+        finally:
+            executor.close()
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -9,6 +9,8 @@ from typing import Any
 import pandas as pd
 
 from ..errors import UserError
+from ..executors import EXECUTORS, Executor, make_executor
+from ..ray_executor import ADDRESS_ENV, STORE_MODES
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -19,10 +21,28 @@ def common_options() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     p.add_argument("--tasks-file", help="a Python file registering your own tasks (default $TDA_TASKS_FILE)")
+    p.add_argument("--executor", default="local", choices=EXECUTORS.names(),
+                   help="where independent tasks (subset-model chunks, base models, fine-tunes, members, sweep "
+                        "settings) run: local (this process, default) or ray")
+    p.add_argument("--ray-address", help=f"with --executor ray: the cluster's head host:port or auto (default "
+                                         f"${ADDRESS_ENV}; none: a local Ray with this machine's cores)")
+    p.add_argument("--workers", type=int, help="with --executor ray: tasks at once (default: one per CPU)")
+    p.add_argument("--ray-store", default="shared", choices=STORE_MODES,
+                   help="with --executor ray: shared (every node sees --store) or driver (no shared filesystem: "
+                        "results come back through Ray and are saved here)")
     return p
 
 
 MAX_SEEDS = 1000  # models in one command, as the ceiling on an ensemble's I
+
+
+def executor_from_args(args: argparse.Namespace) -> Executor:
+    """The executor the common options ask for."""
+    if args.executor == "ray":
+        return make_executor("ray", address=args.ray_address, workers=args.workers, store=args.ray_store)
+    if args.ray_address or args.workers is not None or args.ray_store != "shared":
+        raise UserError("--ray-address, --workers and --ray-store need --executor ray")
+    return make_executor(args.executor)
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -97,7 +97,8 @@ def cmd_ground_truth(args: argparse.Namespace) -> None:
                          progress=None if args.json else tqdm_progress())
     emit({"task": task.name, "M": spec.M, "alpha": spec.alpha, "runs": spec.runs, "seed": spec.seed,
           "subsets": list(truth.subsets.shape), "targets": list(truth.targets.shape), "target": truth.meta["target"],
-          "train_s": round(truth.meta["train_s"], 2), "device": truth.meta["device"], "key": truth.key}, args.json)
+          "train_s": round(truth.meta["train_s"], 2), "wall_s": round(truth.meta.get("wall_s", float("nan")), 2),
+          "workers": truth.meta.get("workers", 1), "device": truth.meta["device"], "key": truth.key}, args.json)
 
 
 def cmd_run(args: argparse.Namespace) -> None:

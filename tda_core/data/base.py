@@ -117,6 +117,11 @@ def load_dataset(name: str, data_root: str | Path | None = None, download: bool 
     return _CACHE[key]
 
 
+def remember_dataset(name: str, dataset: Dataset, data_root: str | Path | None = None) -> None:
+    """Make `load_dataset(name)` return `dataset` in this process (a worker handed the driver's dataset)."""
+    _CACHE[(name, str(data_dir(data_root)))] = dataset
+
+
 def sample_indices(n_available: int, n_wanted: int, seed: int) -> np.ndarray:
     """A fixed-seed sample of ``min(n_available, n_wanted)`` positions, sorted."""
     rng = np.random.default_rng(seed)
