@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages.ui.state import sidebar
+from pages.ui.widgets import jobs_sidebar
 
 st.set_page_config(page_title="Ensemble TDA Explorer", page_icon=":material/hub:", layout="wide")
 
@@ -17,4 +18,5 @@ PAGES = [
 
 page = st.navigation(PAGES)
 sidebar()
+jobs_sidebar()
 page.run()

@@ -7,17 +7,19 @@ and checks what is shown, including the error paths.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tda_core import tasks
-from tda_core.attribution import attribute
-from tda_core.evaluation import ground_truth
-from tda_core.experiments import run
-from tda_core.results import RESULTS_TABLE
+from tda_core import jobs, tasks
+from tda_core.attribution import attribute, member_attribution
+from tda_core.evaluation import ground_truth, lds_against
+from tda_core.experiments import compare_stored, run
+from tda_core.reference import read_reference, reference_files
+from tda_core.results import RESULTS_TABLE, results_frame
 from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec, Recipe
 from tda_core.tasks import get_task
 from tda_core.store import Store
@@ -50,8 +52,10 @@ def filled_store(tmp_path_factory, tiny_task):
         store.append_rows(RESULTS_TABLE, [run(tiny_task, TRAK, ensemble, EVAL, store=store, truth=truth).row()])
     for name in ("grad-dot", "grad-cos"):  # the Learn page's examples
         attribute(tiny_task, MethodSpec(name), OTHER, store=store)
-    for seed in range(5):
-        attribute(tiny_task, TRAK, EnsembleSpec("naive", I=1, seed=seed), store=store)
+    for size in range(1, 6):
+        attribute(tiny_task, TRAK, EnsembleSpec("naive", I=size), store=store)
+    member_attribution(tiny_task, TRAK, EnsembleSpec("naive", I=5), store=store)
+    member_attribution(tiny_task, TRAK, MAIN, store=store)  # the browser's member views
     return store
 
 
@@ -77,6 +81,11 @@ def captions(at: AppTest) -> list[str]:
 def table_with(at: AppTest, column: str, value) -> pd.DataFrame:
     """The first table shown whose `column` holds `value`."""
     return next(d.value for d in at.dataframe if column in d.value and value in set(d.value[column]))
+
+
+def digits_reference():
+    """The reference file the LDS-vs-cost page shows for digits-mlp by default."""
+    return reference_files("digits-mlp")[0]
 
 
 def texts(elements) -> str:
@@ -116,7 +125,8 @@ def test_browser_shows_proponents_and_opponents(app_store):
 
 
 def test_browser_compares_two_settings(app_store):
-    at = open_page("browse", test_pos=5, browse_k=4)
+    at = open_page("browse", test_pos=5, browse_k=4, tab="Compare two settings")
+    assert not at.exception, at.exception
     labels = [m.label for m in at.metric]
     assert "Top-4 proponents shared" in labels and "Spearman of all scores" in labels
     shared = next(m.value for m in at.metric if m.label == "Top-4 proponents shared")
@@ -126,7 +136,7 @@ def test_browser_compares_two_settings(app_store):
 
 
 def test_browser_reverse_view_lists_test_examples(app_store):
-    at = open_page("browse", test_pos=5, browse_k=3, reverse_pos=10)
+    at = open_page("browse", test_pos=5, browse_k=3, reverse_pos=10, tab="Reverse view")
     reverse = table_with(at, "role", "helps")
     assert list(reverse["role"]) == ["helps"] * 3 + ["hurts"] * 3
     assert reverse["score"].iloc[0] >= reverse["score"].iloc[2]
@@ -146,6 +156,11 @@ def test_browser_computes_a_missing_setting_on_request(app_store):
     assert "1 model(s) to train (0 stored)" in texts(at.info).replace("**", "")
     assert not at.get("image")
     at.button(key="compute-main").click().run()
+    assert not at.exception, at.exception
+    (job,) = jobs.all_jobs(app_store)  # the work runs in a worker process, not in the script run
+    assert job.kind == "attribute" and "seed=9" not in job.title and "naive I=1" in job.title
+    assert jobs.wait(app_store, job.job_id, TIMEOUT).status == "done"
+    at.run()  # what the job's progress panel does when the job ends
     assert not at.exception, at.exception
     assert len(table_with(at, "role", "proponent")) == 6 and len(captions(at)) >= 7
 
@@ -182,22 +197,62 @@ def test_missing_dataset_is_a_message_not_a_traceback(app_store):
     assert "CIFAR-10 not found" in texts(at.error) and "--download" in texts(at.error)
 
 
-def test_lds_cost_plots_and_filters_results(app_store):
+def test_lds_cost_plots_own_and_reference_results(app_store):
     at = open_page("lds_cost")
     assert not at.exception, at.exception
-    assert len(at.get("plotly_chart")) == 1
-    assert len(at.dataframe[0].value) == 3
+    (chart,) = at.get("plotly_chart")
+    table = at.dataframe(key="lc_table").value
+    reference = table[table["source"] != "this store"]
+    assert (table["source"] == "this store").sum() == 3
+    assert len(reference) > 0 and set(reference["source"]) == {digits_reference().source}
+    figure = json.loads(chart.proto.spec)
+    assert "circle-open" in {t.get("marker", {}).get("symbol") for t in figure["data"]}  # reference drawn apart
+    assert any(digits_reference().when in caption for caption in texts(at.caption).splitlines())  # where and when
+    at.toggle(key="lc_ref").set_value(False).run()
+    assert len(at.dataframe(key="lc_table").value) == 3
     at.multiselect(key="lc_series").set_value(["proj-seeds"]).run()
-    assert len(at.dataframe[0].value) == 1 and at.dataframe[0].value["ensemble"].iloc[0] == "proj-seeds"
+    shown = at.dataframe(key="lc_table").value
+    assert len(shown) == 1 and shown["ensemble"].iloc[0] == "proj-seeds"
     assert at.selectbox(key="lc_x").options == ["training seconds", "serving seconds", "space (bytes)",
                                                  "independently trained models", "members"]
 
 
-def test_lds_cost_on_an_empty_store_explains_how_to_fill_it(tiny_task):
-    at = open_page("lds_cost")
-    assert not at.exception
-    assert "No results in the store yet" in texts(at.info)
+def test_lds_cost_on_an_empty_store_shows_the_reference_results(tiny_task):
+    at = open_page("lds_cost", task="mnist-mlp")  # a first visitor: the default task, nothing computed
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == 1
+    table = at.dataframe(key="lc_table").value
+    assert len(table) == len(read_reference(reference_files("mnist-mlp")[0]))
+    assert (table["source"] != "this store").all()
     assert "Run the sweep" in [b.label for b in at.button]
+
+
+def test_lds_cost_compares_two_selected_rows_pairwise(app_store):
+    at = open_page("lds_cost", lc_ref=False)
+    table = at.dataframe(key="lc_table").value
+    rows = [int(i) for i in (table["ensemble"] == "dropout").to_numpy().nonzero()[0]]
+    rows += [int(i) for i in (table["ensemble"] == "naive").to_numpy().nonzero()[0]]
+    at.session_state["lc_table"] = {"selection": {"rows": rows, "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    stored = results_frame(app_store).set_index("ensemble")
+    want = compare_stored(app_store, stored.loc["dropout", "setting_key"], stored.loc["naive", "setting_key"])
+    assert metrics["A − B"] == f"{want.difference:+.3f}"
+    assert metrics["95% interval"] == f"[{want.low:+.3f}, {want.high:+.3f}]"
+    assert metrics["Verdict"] == want.verdict
+
+
+def test_lds_cost_explains_why_a_reference_row_cannot_be_compared(app_store):
+    at = open_page("lds_cost")
+    table = at.dataframe(key="lc_table").value
+    own = int((table["source"] == "this store").to_numpy().nonzero()[0][0])
+    reference = int((table["source"] != "this store").to_numpy().nonzero()[0][0])
+    at.session_state["lc_table"] = {"selection": {"rows": [own, reference], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, at.exception
+    assert "reference rows carry no per-example LDS" in texts(at.info)
+    assert "A − B" not in [m.label for m in at.metric]
 
 
 def test_learn_runs_its_live_examples(app_store):
@@ -207,8 +262,11 @@ def test_learn_runs_its_live_examples(app_store):
         "1 · Gradient similarity: Grad-Dot and Grad-Cos", "2 · One model is not enough",
         "3 · Cheaper members: Dropout and LoRA ensembles", "4 · What LDS measures", "5 · Counterfactual check"]
     assert len(at.get("plotly_chart")) == 3  # member agreement + two LDS scatters (ground truth is stored)
-    ladder = at.dataframe[0].value
-    assert list(ladder["members averaged"]) == [1, 2, 3, 4, 5]
+    ladder = at.dataframe[0].value  # the product's own naive ensembles of 1..5 models, not averaged members
+    truth = ground_truth(get_task("digits-mlp"), EVAL, store=app_store)
+    want = [round(lds_against(attribute(get_task("digits-mlp"), TRAK, EnsembleSpec("naive", I=i),
+                                        store=app_store).scores, truth).mean, 3) for i in range(1, 6)]
+    assert list(ladder["LDS"]) == want and ladder["ensemble"].str.startswith("naive I=").all()
     at.select_slider(key="learn_cf_k").set_value(10)
     at.button(key="learn_cf").click().run()
     assert not at.exception, at.exception
@@ -250,10 +308,11 @@ def test_compare_counts_overlap_and_rank_correlation():
     same, reversed_ = compare(a, a * 2 + 1, 0, 5), compare(a, -a, 0, 5)
     assert (same.overlap, same.opponent_overlap, same.spearman) == (5, 5, 1.0)
     assert (reversed_.overlap, reversed_.spearman) == (0, -1.0)
-    table = member_agreement([a, a, -a])
+    table = member_agreement([a, a, -a], a)
     assert table.loc["member 1", "member 2"] == pytest.approx(1.0)
     assert table.loc["member 1", "member 3"] == pytest.approx(-1.0)
-    assert list(table.index) == ["member 1", "member 2", "member 3", "average"]
+    assert table.loc["member 3", "ensemble"] == pytest.approx(-1.0)
+    assert list(table.index) == ["member 1", "member 2", "member 3", "ensemble"]
 
 
 def test_hub_share_separates_shared_from_distinct_proponents():

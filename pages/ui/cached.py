@@ -1,31 +1,31 @@
-"""Loaders cached across reruns: datasets, attributions, ground truths, runs, predictions, music snippets.
+"""Loaders cached across reruns: datasets, attributions, member scores, ground truths, runs, predictions, music
+snippets, reference results.
 
-Everything they return is computed by tda_core; what is missing is computed outside the cache first, so
-progress draws where the page wants it (cached functions must not draw into outside blocks).
+Everything they return is computed by tda_core. Long work (training, attributing, ground truths) never runs
+here: pages start it as a background job (tda_core/jobs.py, `widgets.job_panel`) and load it once it is stored.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
-from tda_core.attribution import Attribution, WorkPlan, attribute, plan, scores_stored
+from tda_core.attribution import (Attribution, MemberAttribution, WorkPlan, attribute, member_attribution,
+                                  members_stored, plan, scores_stored)
 from tda_core.data import Dataset, load_dataset, snippets
 from tda_core.device import describe_device, resolve_device
 from tda_core.evaluation import GroundTruth, ground_truth, missing_models
 from tda_core.examples import base_predictions
 from tda_core.experiments import Result, run
 from tda_core.paths import data_dir
-from tda_core.progress import Progress
-from tda_core.settings import Setting
+from tda_core.reference import ReferenceFile, ReferenceResults, load_references, reference_files
+from tda_core.score_analysis import member_agreement
+from tda_core.settings import Setting, describe_ensemble
 from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec, TaskSpec
 from tda_core.store import Store
-
-
-def _finish(progress: Progress | None) -> None:
-    if progress is not None and hasattr(progress, "finish"):
-        progress.finish()
+from tda_core.teaching import ensemble_ladder
 
 
 @st.cache_resource(show_spinner="Loading dataset...")
@@ -49,19 +49,30 @@ def _cached_attribution(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSp
     return attribute(task, method, ensemble, store=Store(store_root))
 
 
-def cached_attribution_of(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec,
-                          progress: Progress | None = None) -> Attribution:
-    """An Attribution of the current store (computed first when missing), kept in memory once loaded."""
-    store = Store()
-    if not scores_stored(task, method, ensemble, store):
-        attribute(task, method, ensemble, store=store, progress=progress)
-        _finish(progress)
-    return _cached_attribution(task, method, ensemble, str(store.root))
+def cached_attribution_of(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec) -> Attribution:
+    """A stored Attribution of the current store, kept in memory once loaded (check `scores_stored` first: a
+    missing one is computed in the script run)."""
+    return _cached_attribution(task, method, ensemble, str(Store().root))
 
 
-def cached_attribution(setting: Setting, progress: Progress | None = None) -> Attribution:
-    """The Attribution of a setting (see `cached_attribution_of`)."""
-    return cached_attribution_of(setting.task, setting.method, setting.ensemble, progress)
+def cached_attribution(setting: Setting) -> Attribution:
+    """The stored Attribution of a setting (see `cached_attribution_of`)."""
+    return cached_attribution_of(setting.task, setting.method, setting.ensemble)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _cached_members(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, store_root: str) -> MemberAttribution:
+    return member_attribution(task, method, ensemble, store=Store(store_root))
+
+
+def has_members(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec) -> bool:
+    """True when each member's own scores of the ensemble are stored."""
+    return members_stored(task, method, ensemble, store=Store())
+
+
+def cached_members(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec) -> MemberAttribution:
+    """The stored member scores of an ensemble (check `has_members` first)."""
+    return _cached_members(task, method, ensemble, str(Store().root))
 
 
 def all_stored(task: TaskSpec, settings: list[tuple[MethodSpec, EnsembleSpec]]) -> bool:
@@ -80,13 +91,9 @@ def has_ground_truth(task: TaskSpec, spec: EvalSpec) -> bool:
     return missing_models(task, spec, store=Store()) == 0
 
 
-def cached_ground_truth(task: TaskSpec, spec: EvalSpec, progress: Progress | None = None) -> GroundTruth:
-    """Subset-retraining ground truth of the current store: missing models trained first (with progress)."""
-    store = Store()
-    if missing_models(task, spec, store=store):
-        ground_truth(task, spec, store=store, progress=progress)
-        _finish(progress)
-    return _cached_ground_truth(task, spec, str(store.root))
+def cached_ground_truth(task: TaskSpec, spec: EvalSpec) -> GroundTruth:
+    """The stored subset-retraining ground truth of the current store (check `has_ground_truth` first)."""
+    return _cached_ground_truth(task, spec, str(Store().root))
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
@@ -123,3 +130,41 @@ def _cached_run(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, spec
 def cached_run(setting: Setting, spec: EvalSpec) -> Result:
     """LDS and costs of a setting whose scores and ground truth are stored (a read plus the LDS)."""
     return _cached_run(setting.task, setting.method, setting.ensemble, spec, str(Store().root))
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _cached_references(task: str, mtime: float) -> tuple[list[ReferenceFile], ReferenceResults]:
+    files = reference_files(task)
+    return files, load_references(files)
+
+
+def cached_references(task: str) -> tuple[list[ReferenceFile], ReferenceResults]:
+    """(the reference files of a task, their rows) from the committed manifest, re-read when it changes."""
+    from tda_core.reference import MANIFEST
+
+    return _cached_references(task, MANIFEST.stat().st_mtime if MANIFEST.exists() else 0.0)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _cached_agreement(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, store_root: str) -> pd.DataFrame:
+    members = member_attribution(task, method, ensemble, store=Store(store_root))
+    return member_agreement([members.member(j) for j in range(len(members.labels))], members.average())
+
+
+def cached_agreement(task: TaskSpec, method: MethodSpec, ensemble: EnsembleSpec) -> pd.DataFrame:
+    """How the stored members of an ensemble agree with each other and with the ensemble (mean Spearman)."""
+    return _cached_agreement(task, method, ensemble, str(Store().root))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _cached_ladder(task: TaskSpec, method: MethodSpec, ensembles: tuple[EnsembleSpec, ...], spec: EvalSpec,
+                   store_root: str) -> pd.DataFrame:
+    store = Store(store_root)
+    truth = ground_truth(task, spec, store=store)
+    scored = [(describe_ensemble(e), attribute(task, method, e, store=store).scores) for e in ensembles]
+    return ensemble_ladder(scored, truth)
+
+
+def cached_ladder(task: TaskSpec, method: MethodSpec, ensembles: list[EnsembleSpec], spec: EvalSpec) -> pd.DataFrame:
+    """LDS of stored ensembles against a stored ground truth, one row each."""
+    return _cached_ladder(task, method, tuple(ensembles), spec, str(Store().root))

@@ -1,4 +1,9 @@
-"""The chosen setting kept in `st.session_state`, the sidebar that edits it, and the user-error guard."""
+"""The chosen setting kept in `st.session_state`, the sidebar that edits it, and the user-error guard.
+
+The sidebar's widgets are bound to the URL's query parameters (Streamlit's `bind="query-params"`), both ways:
+a link such as ``?task=digits-mlp&kind=naive&I=2`` opens that setting, and every change is written back, so the
+address bar always reproduces the page. Values a link carries that cannot be used are named in a warning.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -11,17 +16,23 @@ from tda_core.ensembles import ENSEMBLES
 from tda_core.errors import UserError
 from tda_core.methods import METHODS
 from tda_core.projections import PROJECTIONS
-from tda_core.settings import DEFAULT_TASK, DEFAULTS, LIMITS, Setting, make_setting, values_from_query
+from tda_core.settings import (DEFAULT_TASK, DEFAULTS, LIMITS, REAL_LIMITS, Setting, check_limits, make_setting,
+                               read_query)
 from tda_core.tasks import TASKS
 
 from .present import kind_label, method_label, projection_label
 
+URL = "query-params"  # widgets bound to the URL
+
 
 def init_state() -> None:
-    """Put the defaults, or values given in the URL, into st.session_state once per session."""
+    """Put the defaults, or values given in the URL, into st.session_state once per session; what the URL gave
+    that cannot be used is kept for `sidebar` to name."""
     if "_initialised" not in st.session_state:
         st.session_state["_initialised"] = True
-        for key, value in values_from_query(st.query_params.to_dict()).items():
+        values, problems = read_query(st.query_params.to_dict())
+        st.session_state["_query_problems"] = problems
+        for key, value in values.items():
             st.session_state.setdefault(key, value)
     for key, value in DEFAULTS.items():
         st.session_state.setdefault(key, value)
@@ -30,31 +41,40 @@ def init_state() -> None:
 
 
 def sidebar() -> None:
-    """The setting editor shown on every page; its values persist across pages."""
+    """The setting editor shown on every page; its values persist across pages and live in the URL."""
     init_state()
+    problems = st.session_state.pop("_query_problems", [])
+    if problems:
+        st.warning("This link carries values the app cannot use, so the sidebar shows defaults for them:\n\n"
+                   + "\n".join(f"- {p}" for p in problems)
+                   + "\n\n**Next step:** check the setting in the sidebar; every change updates the address bar, "
+                     "so copy it from there to share this view.", icon=":material/link_off:")
     with st.sidebar:
         st.markdown("### Setting")
-        st.selectbox("Task", sorted(TASKS), key="task", help="dataset + model + training recipe")
-        st.selectbox("TDA method", METHODS.names(), key="method", format_func=method_label)
-        st.selectbox("Ensemble", ENSEMBLES.names(), key="kind", format_func=kind_label)
+        st.selectbox("Task", sorted(TASKS), key="task", help="dataset + model + training recipe", bind=URL)
+        st.selectbox("TDA method", METHODS.names(), key="method", format_func=method_label, bind=URL)
+        st.selectbox("Ensemble", ENSEMBLES.names(), key="kind", format_func=kind_label, bind=URL)
         kind = ENSEMBLES.get(st.session_state["kind"])
         cols = st.columns(2)
-        cols[0].number_input("I (trained)", *LIMITS["I"], key="I", help="independently trained base models")
+        cols[0].number_input("I (trained)", *LIMITS["I"], key="I", bind=URL,
+                             help=f"independently trained base models (the app runs up to {LIMITS['I'][1]})")
         if kind.budget:
             cols[1].number_input(f"{kind.budget} ({kind.budget_label.split()[-1]})", *LIMITS[kind.budget],
-                                 key=kind.budget, help=f"{kind.budget_label} per base model")
+                                 key=kind.budget, bind=URL,
+                                 help=f"{kind.budget_label} per base model (up to {LIMITS[kind.budget][1]})")
         with st.expander("Projection, damping, details"):
-            st.selectbox("Projection", PROJECTIONS.names(), key="proj", format_func=projection_label,
+            st.selectbox("Projection", PROJECTIONS.names(), key="proj", format_func=projection_label, bind=URL,
                          help="Kronecker is the fast path; dense JL is the reference")
-            st.number_input("Projection dimension", *LIMITS["proj_dim"], key="proj_dim",
+            st.number_input("Projection dimension", *LIMITS["proj_dim"], key="proj_dim", bind=URL,
                             help="projection dimension k (features per member)")
-            st.number_input("Damping c", 0.0, 1000.0, key="damping", format="%g",
+            st.number_input("Damping c", *REAL_LIMITS["damping"], key="damping", format="%g", bind=URL,
                             help="lambda = c * trace(K) / k")
-            st.slider("Dropout rate (0 = the model's own)", 0.0, 0.9, key="dropout_p", step=0.05)
-            st.number_input("LoRA rank", *LIMITS["lora_rank"], key="lora_rank")
-            st.toggle("Members of a model share one projection", key="shared_projection",
+            st.slider("Dropout rate (0 = the model's own)", *REAL_LIMITS["dropout_p"], key="dropout_p", step=0.05,
+                      bind=URL)
+            st.number_input("LoRA rank", *LIMITS["lora_rank"], key="lora_rank", bind=URL)
+            st.toggle("Members of a model share one projection", key="shared_projection", bind=URL,
                       help="Dropout / LoRA only: isolates the mask or adapter effect from projection noise")
-            st.number_input("Seed", *LIMITS["seed"], key="seed")
+            st.number_input("Seed", *LIMITS["seed"], key="seed", bind=URL)
 
 
 def current_values() -> dict[str, Any]:
@@ -64,9 +84,19 @@ def current_values() -> dict[str, Any]:
 
 
 def current_setting() -> Setting:
-    """The validated current setting (a bad combination shows an error and stops the page)."""
-    with friendly_errors():
-        return make_setting(current_values())
+    """The validated current setting (a bad combination or a value above the app's ceilings shows an error with
+    the reason and stops the page)."""
+    with friendly_errors("change the setting in the sidebar"):
+        values = current_values()
+        check_limits(values)
+        return make_setting(values)
+
+
+def select_setting(values: dict[str, Any]) -> None:
+    """Make `values` (flat setting values, e.g. of a plotted result) the sidebar's setting. Call it from a widget
+    callback, before the sidebar is drawn; the URL follows."""
+    for key, value in values.items():
+        st.session_state[key] = value
 
 
 @contextmanager
