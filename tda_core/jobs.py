@@ -185,8 +185,7 @@ def _alive(pid: int | None, job_id: str) -> bool:
     if not pid:
         return False
     try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
+        return os.waitpid(pid, os.WNOHANG)[0] != pid  # our child: running until reaped here
     except ChildProcessError:
         pass  # not our child: ask the system
     try:

@@ -70,7 +70,7 @@ def open_page(page: str | None = None, **state) -> AppTest:
     for key, value in {**STATE, **state}.items():
         at.session_state[key] = value
     if page:
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"app_pages/{page}.py")
     return at.run()
 
 

@@ -139,6 +139,8 @@ def results_display(frame: pd.DataFrame) -> pd.DataFrame:
     if "space_bytes" in out:
         out.insert(out.columns.get_loc("space_bytes"), "space", out["space_bytes"].map(human_bytes))
         out = out.drop(columns=["space_bytes"])
+    if "source" in out:  # own results or which reference file: first
+        out.insert(0, "source", out.pop("source"))
     return out.sort_values("lds", ascending=False)
 
 

@@ -10,12 +10,12 @@ import dataclasses
 
 import streamlit as st
 
-from pages.ui.cached import (cached_dataset, cached_ground_truth, cached_members, cached_predictions, cached_run,
+from app_pages.ui.cached import (cached_dataset, cached_ground_truth, cached_members, cached_predictions, cached_run,
                              has_ground_truth, has_members)
-from pages.ui.present import (caption, comparison_metrics, describe_example, difference_image, example_label,
+from app_pages.ui.present import (caption, comparison_metrics, describe_example, difference_image, example_label,
                               kind_label, rank_strip)
-from pages.ui.state import URL, current_setting, friendly_errors
-from pages.ui.widgets import gallery, job_panel, obtain_attribution, show_examples, start_job
+from app_pages.ui.state import URL, current_setting, friendly_errors
+from app_pages.ui.widgets import gallery, job_panel, obtain_attribution, show_examples, start_job
 from tda_core import examples, jobs, score_analysis, teaching
 from tda_core.ensembles import ENSEMBLES
 from tda_core.experiments import compare_results
@@ -114,14 +114,13 @@ def members_views(test_pos: int, k: int) -> None:
                 "Q); ✓ marks a proponent that stays in the full ensemble's top-k.")
     summary = teaching.growth_summary(members, test_pos, k)
     growth = teaching.top_k_as_members_grow(members, test_pos, k)
-    for _, row in summary.iterrows():
-        part = growth[growth["members"] == row["members"]]
-        st.markdown(f"{row['members']} member(s): **{row['shared with the full top-k']} / {k}** of the final list, "
-                    f"Spearman {row['Spearman with the full ensemble']:.2f} with the full ensemble")
+    for n, shared, rho in summary.itertuples(index=False):
+        part = growth[growth["members"] == n]
+        st.markdown(f"{n} member{'s' if n > 1 else ''}: **{shared} / {k}** of the final list, Spearman {rho:.2f} with "
+                    "the full ensemble")
         show_examples(dataset, "train", part["position"].tolist(),
                       [f"{'✓' if r['in_final'] else '·'} {describe_example(dataset, 'train', r['position'])}"
-                       for _, r in part.iterrows()], size=72 if is_image else SIZE, per_row=4,
-                      key=f"grow-{row['members']}")
+                       for _, r in part.iterrows()], size=72 if is_image else SIZE, per_row=4, key=f"grow-{n}")
 
 
 def proponents_tab(test_pos: int, k: int, table) -> None:  # noqa: ANN001
@@ -129,10 +128,10 @@ def proponents_tab(test_pos: int, k: int, table) -> None:  # noqa: ANN001
     with left:
         st.markdown("**Test example**")
         show_examples(dataset, "test", [test_pos], [example_label(table, test_pos)], size=168, key="test")
-        differences = is_image and st.toggle("Pixel differences", key="browse_diff",
-                                             help="test − proponent per pixel: red where the test example is "
-                                                  "brighter, blue where the training example is")
     with right:
+        differences = is_image and st.toggle("Show each one's pixel difference from the test example",
+                                             key="browse_diff", help="test − training image per pixel: red where "
+                                             "the test example is brighter, blue where the training example is")
         show_ranking(score_analysis.top_k(scores, test_pos, k, dataset), "train",
                      (("proponent", "Top proponents — training examples that raise its target"),
                       ("opponent", "Top opponents — training examples that lower it")),

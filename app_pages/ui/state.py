@@ -2,7 +2,8 @@
 
 The sidebar's widgets are bound to the URL's query parameters (Streamlit's `bind="query-params"`), both ways:
 a link such as ``?task=digits-mlp&kind=naive&I=2`` opens that setting, and every change is written back, so the
-address bar always reproduces the page. Values a link carries that cannot be used are named in a warning.
+address bar always reproduces the page (values equal to `DEFAULTS` are left out). Values a link carries that
+cannot be used are named in a warning.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tda_core.ensembles import ENSEMBLES
 from tda_core.errors import UserError
 from tda_core.methods import METHODS
 from tda_core.projections import PROJECTIONS
-from tda_core.settings import (DEFAULT_TASK, DEFAULTS, LIMITS, REAL_LIMITS, Setting, check_limits, make_setting,
+from tda_core.settings import (DEFAULTS, LIMITS, REAL_LIMITS, Setting, check_limits, make_setting,
                                read_query)
 from tda_core.tasks import TASKS
 
@@ -26,18 +27,15 @@ URL = "query-params"  # widgets bound to the URL
 
 
 def init_state() -> None:
-    """Put the defaults, or values given in the URL, into st.session_state once per session; what the URL gave
-    that cannot be used is kept for `sidebar` to name."""
+    """Once per session, check what the URL gives (the bound widgets read it themselves) and keep what cannot be
+    used for `sidebar` to name."""
     if "_initialised" not in st.session_state:
         st.session_state["_initialised"] = True
-        values, problems = read_query(st.query_params.to_dict())
-        st.session_state["_query_problems"] = problems
-        for key, value in values.items():
-            st.session_state.setdefault(key, value)
-    for key, value in DEFAULTS.items():
-        st.session_state.setdefault(key, value)
-    if st.session_state["task"] not in TASKS:
-        st.session_state["task"] = DEFAULT_TASK
+        st.session_state["_query_problems"] = read_query(st.query_params.to_dict())[1]
+
+
+def _index(options, key: str) -> int:  # noqa: ANN001
+    return list(options).index(DEFAULTS[key])
 
 
 def sidebar() -> None:
@@ -51,36 +49,41 @@ def sidebar() -> None:
                      "so copy it from there to share this view.", icon=":material/link_off:")
     with st.sidebar:
         st.markdown("### Setting")
-        st.selectbox("Task", sorted(TASKS), key="task", help="dataset + model + training recipe", bind=URL)
-        st.selectbox("TDA method", METHODS.names(), key="method", format_func=method_label, bind=URL)
-        st.selectbox("Ensemble", ENSEMBLES.names(), key="kind", format_func=kind_label, bind=URL)
+        st.selectbox("Task", sorted(TASKS), _index(sorted(TASKS), "task"), key="task", bind=URL,
+                     help="dataset + model + training recipe")
+        st.selectbox("TDA method", METHODS.names(), _index(METHODS.names(), "method"), key="method",
+                     format_func=method_label, bind=URL)
+        st.selectbox("Ensemble", ENSEMBLES.names(), _index(ENSEMBLES.names(), "kind"), key="kind",
+                     format_func=kind_label, bind=URL)
         kind = ENSEMBLES.get(st.session_state["kind"])
         cols = st.columns(2)
-        cols[0].number_input("I (trained)", *LIMITS["I"], key="I", bind=URL,
+        cols[0].number_input("I (trained)", *LIMITS["I"], DEFAULTS["I"], key="I", bind=URL,
                              help=f"independently trained base models (the app runs up to {LIMITS['I'][1]})")
         if kind.budget:
             cols[1].number_input(f"{kind.budget} ({kind.budget_label.split()[-1]})", *LIMITS[kind.budget],
-                                 key=kind.budget, bind=URL,
+                                 DEFAULTS[kind.budget], key=kind.budget, bind=URL,
                                  help=f"{kind.budget_label} per base model (up to {LIMITS[kind.budget][1]})")
         with st.expander("Projection, damping, details"):
-            st.selectbox("Projection", PROJECTIONS.names(), key="proj", format_func=projection_label, bind=URL,
+            st.selectbox("Projection", PROJECTIONS.names(), _index(PROJECTIONS.names(), "proj"), key="proj",
+                         format_func=projection_label, bind=URL,
                          help="Kronecker is the fast path; dense JL is the reference")
-            st.number_input("Projection dimension", *LIMITS["proj_dim"], key="proj_dim", bind=URL,
-                            help="projection dimension k (features per member)")
-            st.number_input("Damping c", *REAL_LIMITS["damping"], key="damping", format="%g", bind=URL,
-                            help="lambda = c * trace(K) / k")
-            st.slider("Dropout rate (0 = the model's own)", *REAL_LIMITS["dropout_p"], key="dropout_p", step=0.05,
-                      bind=URL)
-            st.number_input("LoRA rank", *LIMITS["lora_rank"], key="lora_rank", bind=URL)
-            st.toggle("Members of a model share one projection", key="shared_projection", bind=URL,
+            st.number_input("Projection dimension", *LIMITS["proj_dim"], DEFAULTS["proj_dim"], key="proj_dim",
+                            bind=URL, help="projection dimension k (features per member)")
+            st.number_input("Damping c", *REAL_LIMITS["damping"], DEFAULTS["damping"], key="damping", format="%g",
+                            bind=URL, help="lambda = c * trace(K) / k")
+            st.slider("Dropout rate (0 = the model's own)", *REAL_LIMITS["dropout_p"], DEFAULTS["dropout_p"],
+                      key="dropout_p", step=0.05, bind=URL)
+            st.number_input("LoRA rank", *LIMITS["lora_rank"], DEFAULTS["lora_rank"], key="lora_rank", bind=URL)
+            st.toggle("Members of a model share one projection", DEFAULTS["shared_projection"],
+                      key="shared_projection", bind=URL,
                       help="Dropout / LoRA only: isolates the mask or adapter effect from projection noise")
-            st.number_input("Seed", *LIMITS["seed"], key="seed", bind=URL)
+            st.number_input("Seed", *LIMITS["seed"], DEFAULTS["seed"], key="seed", bind=URL)
 
 
 def current_values() -> dict[str, Any]:
     """The widget values of the current setting."""
     init_state()
-    return {key: st.session_state[key] for key in DEFAULTS}
+    return {key: st.session_state.get(key, value) for key, value in DEFAULTS.items()}
 
 
 def current_setting() -> Setting:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.ui.cached import cached_references
-from pages.ui.present import comparison_metrics, method_label, projection_label, results_display
-from pages.ui.state import current_setting, friendly_errors, select_setting
-from pages.ui.widgets import job_panel, start_job
+from app_pages.ui.cached import cached_references
+from app_pages.ui.present import comparison_metrics, method_label, projection_label, results_display
+from app_pages.ui.state import current_setting, friendly_errors, select_setting
+from app_pages.ui.widgets import job_panel, start_job
 from tda_core import jobs
 from tda_core.errors import UserError
 from tda_core.experiments import GRIDS, plan_sweep, sweep_settings
@@ -120,8 +120,8 @@ if picked:
         st.markdown(f":material/ads_click: **{picked['setting']}** ({picked['task']}) · LDS {picked['lds']:.3f} · "
                     f"{picked[SOURCE]} — now the sidebar's setting")
         links = st.columns(2)
-        links[0].page_link("pages/build.py", label="Open in Build & attribute", icon=":material/construction:")
-        links[1].page_link("pages/browse.py", label="Browse its attributions", icon=":material/image_search:")
+        links[0].page_link("app_pages/build.py", label="Open in Build & attribute", icon=":material/construction:")
+        links[1].page_link("app_pages/browse.py", label="Browse its attributions", icon=":material/image_search:")
 for file in files:
     if file.source in chosen_sources and show_reference:
         st.caption(f"Reference: {file.describe()}")
