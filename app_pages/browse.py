@@ -14,7 +14,7 @@ from app_pages.ui.cached import (cached_dataset, cached_ground_truth, cached_mem
                              has_ground_truth, has_members)
 from app_pages.ui.present import (caption, comparison_metrics, describe_example, difference_image, example_label,
                               kind_label, rank_strip)
-from app_pages.ui.state import URL, current_setting, friendly_errors
+from app_pages.ui.state import URL, current_setting, friendly_errors, sync_url
 from app_pages.ui.widgets import gallery, job_panel, obtain_attribution, show_examples, start_job
 from tda_core import examples, jobs, score_analysis, teaching
 from tda_core.ensembles import ENSEMBLES
@@ -58,7 +58,7 @@ def show_ranking(frame, split: str, roles: tuple[tuple[str, str], ...], table_ti
 
 
 def pick_test_example():  # noqa: ANN201 - (position, k, table)
-    """Filters, the test example (bound to the URL) and k, in one row above the tabs."""
+    """Filters, the test example (mirrored in the URL) and k, in one row above the tabs."""
     table = examples.example_table(dataset, cached_predictions(setting) if is_image else None)
     cols = st.columns([2, 2, 3, 2]) if "label" in table else st.columns([3, 2])
     if "label" in table:
@@ -71,11 +71,15 @@ def pick_test_example():  # noqa: ANN201 - (position, k, table)
         st.warning("No test example matches these filters. **Next step:** clear the class or prediction filter.")
         st.stop()
     positions = table["position"].tolist()
+    linked = str(st.query_params.get("test_pos", ""))
+    if "test_pos" not in st.session_state and linked.isdigit():  # a link's test example, once per session
+        st.session_state["test_pos"] = int(linked)
     if st.session_state.get("test_pos") not in positions:
         st.session_state["test_pos"] = positions[0]
     cols[-2].selectbox("Test example", positions, key="test_pos", format_func=lambda p: example_label(table, p),
-                       bind=URL, help="position in the test set · source index · label · the model's prediction")
+                       help="position in the test set · source index · label · the model's prediction")
     k = cols[-1].slider("k shown", 1, 20, 8 if is_image else 4, key="browse_k", help="proponents / opponents shown")
+    sync_url({"test_pos": int(st.session_state["test_pos"])})
     return int(st.session_state["test_pos"]), k, table
 
 

@@ -100,7 +100,8 @@ def pick_point() -> None:
     row = rows[int(points[0]["customdata"][1])]
     try:
         select_setting(values_from_row(row))
-    except UserError:
+    except UserError as exc:
+        st.session_state["lc_picked"] = row | {"problem": str(exc)}
         return
     st.session_state["lc_picked"] = row
 
@@ -115,7 +116,9 @@ st.caption("Error bars: thin with caps, the standard error over test examples; t
            "replicates (where a row has several). The dash-dot line is the ground truth's ceiling, the best LDS its "
            "own noise allows (where measured, i.e. with R >= 2 runs per subset).")
 picked = st.session_state.get("lc_picked")
-if picked:
+if picked and picked.get("problem"):
+    st.warning(f"**{picked['setting']}** cannot be opened in the app: {picked['problem']}", icon=":material/block:")
+elif picked:
     with st.container(border=True):
         st.markdown(f":material/ads_click: **{picked['setting']}** ({picked['task']}) · LDS {picked['lds']:.3f} · "
                     f"{picked[SOURCE]} — now the sidebar's setting")

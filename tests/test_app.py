@@ -23,6 +23,7 @@ from tda_core.results import RESULTS_TABLE, results_frame
 from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec, Recipe
 from tda_core.tasks import get_task
 from tda_core.store import Store
+from tda_core.teaching import member_ranks as teaching_ranks
 
 TRAK = MethodSpec("trak", proj="kron", proj_dim=2048)  # the app's default method
 MAIN = EnsembleSpec("dropout", I=1, D=2)
@@ -344,3 +345,109 @@ def test_lds_cost_estimates_a_sweep_before_running_it(app_store):
     estimate = texts(at.info)
     # the fixture ran three of the small grid's seven settings: naive I1, dropout I1 D2, proj-seeds I1 P2
     assert "digits-mlp: 7 settings, 3 already in the results table, 4 to run" in estimate
+
+
+def test_a_url_reading_names_every_value_it_cannot_use():
+    from tda_core.errors import UserError
+    from tda_core.settings import LIMITS, check_limits, read_query
+
+    values, problems = read_query({"task": "nope", "I": "-3", "D": "100000", "L": "two", "damping": "2.5",
+                                   "tab": "Reverse view", "shared_projection": "maybe", "kind": "naive"})
+    assert values == {"damping": 2.5, "kind": "naive"}  # keys that are not setting values are left to their pages
+    assert problems == [
+        "unknown task 'nope'; valid choices: chorales-mt, cifar2-mlp, cifar2-resnet9, cifar2-resnet9-cpu, digits-mlp, "
+        "maestro-mt, mnist-mlp",
+        "I=-3 is below the smallest value, 1",
+        f"D=100000 is above the app's ceiling of {LIMITS['D'][1]} (larger runs belong on the command line: "
+        "`python -m tda_core ...`)",
+        "L='two' is not a whole number; give one from 1 to 50",
+        "shared_projection='maybe': write true or false"]
+    check_limits({"I": 50, "M": 1000, "damping": 0.0})
+    with pytest.raises(UserError, match=r"I=51 is outside what the app runs \(1 to 50\)"):
+        check_limits({"I": 51})
+    with pytest.raises(UserError, match=r"M=5000 is outside what the app runs \(2 to 1000\)"):
+        check_limits({"M": 5000})
+
+
+@pytest.mark.parametrize("page", [None, "browse", "build", "lds_cost"])
+def test_a_link_with_unusable_values_is_a_message_not_an_exception(app_store, page):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update({"task": "digits-mlp", "kind": "naive", "I": "-3", "D": "100000", "method": "garbage",
+                            "seed": "x"})
+    if page:
+        at.switch_page(f"app_pages/{page}.py")
+    at.run()
+    assert not at.exception, at.exception
+    warning = texts(at.warning)
+    for expected in ("unknown method 'garbage'", "I=-3 is below the smallest value, 1",
+                     "D=100000 is above the app's ceiling of 50", "seed='x' is not a whole number", "Next step"):
+        assert expected in warning
+    assert at.selectbox(key="task").value == "digits-mlp" and at.selectbox(key="kind").value == "naive"
+    assert at.number_input(key="I").value == 1 and at.selectbox(key="method").value == "trak"  # defaults instead
+    at.run()
+    assert not at.warning or "This link carries" not in texts(at.warning)  # said once, not on every rerun
+
+
+def test_a_click_on_a_point_opens_its_setting_unless_it_is_above_the_ceilings(app_store):
+    from app_pages.ui.state import select_setting
+    from tda_core.errors import UserError
+    from tda_core.settings import values_from_row
+
+    row = read_reference(digits_reference()).iloc[0].to_dict()
+    with pytest.raises(UserError, match=r"I=80 is outside what the app runs"):
+        select_setting(values_from_row(row | {"I": 80}))  # refused before touching the session
+
+
+def test_browser_shows_how_members_rank_the_proponents(app_store):
+    from tda_core.teaching import growth_summary
+
+    at = open_page("browse", test_pos=5, browse_k=4)
+    assert not at.exception, at.exception
+    assert "Why these proponents? What each member says" in [s.value for s in at.subheader]
+    strip = next(c for c in at.get("plotly_chart") if c.proto.id and "rank_strip" in c.proto.id)
+    cells = json.loads(strip.proto.spec)["data"][0]
+    members = member_attribution(get_task("digits-mlp"), TRAK, MAIN, store=app_store)
+    want = teaching_ranks(members, 5, 4)
+    assert cells["y"] == list(want.index) and [list(map(int, r)) for r in cells["text"]] == want.values.tolist()
+    summary = growth_summary(members, 5, 4)
+    shown = texts(at.markdown)
+    for n, shared, rho in summary.itertuples(index=False):
+        assert f"{n} member{'s' if n > 1 else ''}: **{shared} / 4** of the final list, Spearman {rho:.2f}" in shown
+    at.toggle(key="browse_diff").set_value(True).run()
+    assert sum(c.startswith("test − #") for c in captions(at)) == 8  # one per proponent and opponent
+
+
+def test_browser_computes_member_scores_in_the_background(app_store):
+    at = open_page("browse", kind="proj-seeds", P=2, test_pos=3, browse_k=3)  # scores stored, members not
+    assert not at.exception, at.exception
+    at.button(key="browse_members").click().run()
+    (job,) = [j for j in jobs.all_jobs(app_store) if j.title.startswith("Member scores")]
+    assert jobs.wait(app_store, job.job_id, TIMEOUT).status == "done"
+    at.run()
+    assert not at.exception, at.exception
+    assert "1 member: **" in texts(at.markdown) and "2 members: **3 / 3**" in texts(at.markdown)
+
+
+def test_build_shows_the_ground_truth_ceiling_beside_the_lds(app_store):
+    spec = EvalSpec(M=8, alpha=0.5, runs=2)
+    ground_truth(get_task("digits-mlp"), spec, store=app_store)
+    at = open_page("build", build_M=8, build_runs=2)
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    want = run(get_task("digits-mlp"), TRAK, MAIN, spec, store=app_store, device="cpu")
+    assert metrics["LDS"] == f"{want.lds:.3f} ± {want.lds_sem:.3f}"
+    assert metrics["Ground-truth ceiling"] == f"{want.ceiling.ceiling:.3f}" != "nan"
+    at = open_page("build")  # one run per subset: the ceiling is not measured, and the page says how to get it
+    assert {m.label: m.value for m in at.metric}["Ground-truth ceiling"] == "unknown"
+    assert "set R = 2 or more" in texts(at.caption)
+
+
+def test_build_runs_in_the_background_and_can_be_cancelled(app_store):
+    at = open_page("build", kind="naive", I=1, seed=31)  # nothing stored for this seed
+    at.button(key="build_run").click().run()
+    assert not at.exception, at.exception
+    (job,) = [j for j in jobs.active_jobs(app_store) if "naive I=1" in j.title]
+    cancel = next(b for b in at.button if b.key and b.key.startswith(f"cancel-{job.job_id}-main"))
+    cancel.click().run()
+    assert jobs.status(app_store, job.job_id).status == "cancelled"
+    assert "was cancelled" in texts(at.info) and "Run" in [b.label for b in at.button]

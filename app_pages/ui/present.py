@@ -159,7 +159,7 @@ def rank_strip(ranks: pd.DataFrame, column_labels: list[str], n_train: int):  # 
 
     values = ranks.to_numpy()
     fig = go.Figure(go.Heatmap(
-        z=np.log10(values), x=column_labels, y=list(ranks.index), text=values, texttemplate="%{text}",
+        z=np.log10(values).tolist(), x=column_labels, y=list(ranks.index), text=values.tolist(), texttemplate="%{text}",
         colorscale="Blues_r", zmin=0.0, zmax=float(np.log10(max(n_train, 10))), showscale=False, xgap=2, ygap=2,
         hovertemplate="%{y}<br>ensemble's %{x}: this member ranks it %{text}<extra></extra>"))
     fig.update_layout(height=70 + 24 * len(values), margin=dict(l=10, r=10, t=10, b=40), template="plotly_white",

@@ -74,7 +74,7 @@ def open_page(browser, url: str, width: int = 1400):
 def sidebar_setting(page) -> dict[str, str]:
     """What the sidebar shows: the three choices and the two budgets."""
     sidebar = page.locator('[data-testid="stSidebar"]')
-    choices = [s.inner_text().strip().splitlines()[-1] for s in sidebar.locator('[data-testid="stSelectbox"]').all()[:3]]
+    choices = [s.locator("input").input_value() for s in sidebar.locator('[data-testid="stSelectbox"]').all()[:3]]
     numbers = [n.input_value() for n in sidebar.locator('[data-testid="stNumberInput"] input').all()[:2]]
     return {"task": choices[0], "method": choices[1], "ensemble": choices[2], "budgets": ",".join(numbers)}
 
@@ -116,6 +116,8 @@ def test_clicking_a_point_selects_its_setting_and_the_link_reproduces_it(served)
     page.wait_for_timeout(1000)
     link = page.url
     assert query(page).get("I", "1") == sizes.group(1)  # the URL follows (a default value is left out)
+    kind = re.search(r"· ([\w-]+)(?: \(shared proj\.\))? I\d", picked).group(1)
+    assert query(page).get("kind", "dropout") == kind  # names, as the CLI spells them
     fresh = browser.new_context().new_page()  # a new session: only the URL carries the view
     fresh.set_viewport_size({"width": 1400, "height": 1000})
     fresh.goto(link, wait_until="domcontentloaded")
@@ -169,7 +171,16 @@ def test_the_browser_page_computes_in_the_background_and_fits_a_phone(served, tm
     assert screenshots.horizontal_overflow(page) <= 0
     screenshots.screenshot(page, tmp_path / "phone.png", screenshots.PHONE_WIDTH)
     assert not screenshots.errors_on(page)
+    page.get_by_role("tab", name="Reverse view").click()  # the tab and the test example live in the URL
+    screenshots.wait_idle(page, TIMEOUT)
+    assert query(page)["tab"] == "Reverse view" and query(page)["test_pos"] == "0"
     page.close()
+    linked = open_page(browser, f"{base}/browse?task=digits-mlp&kind=naive&test_pos=7&tab=Reverse+view")
+    assert linked.get_by_role("tab", name="Reverse view").get_attribute("aria-selected") == "true"
+    assert linked.get_by_text("Test examples it helps most").is_visible()
+    chosen = linked.locator('[data-testid="stSelectbox"]').filter(has_text="Test example").locator("input")
+    assert re.match(r"7 · #\d+ · label", chosen.input_value()), chosen.input_value()
+    linked.close()
 
 
 def test_every_page_renders_without_errors(served, tmp_path, capsys):
