@@ -10,7 +10,7 @@ import dataclasses
 
 import streamlit as st
 
-from app_pages.ui.cached import (cached_dataset, cached_ground_truth, cached_members, cached_predictions, cached_run,
+from app_pages.ui.cached import (cached_dataset, cached_members, cached_predictions, cached_run,
                              has_ground_truth, has_members)
 from app_pages.ui.present import (caption, comparison_metrics, describe_example, difference_image, example_label,
                               kind_label, rank_strip)

@@ -95,8 +95,8 @@ else:
     if status is None or not status.active:
         per_model = seconds_per_model(attribution.costs)
         st.info(f"No ground truth yet for M={spec.M}, alpha={spec.alpha:g}, R={spec.runs}: it trains "
-                f"{spec.M * spec.runs} models on {spec.alpha:.0%} of the data, in batches of {DEFAULT_CHUNK} (one full model "
-                f"took {per_model:.1f} s here when trained alone). It is stored and shared by every setting.",
+                f"{spec.M * spec.runs} models on {spec.alpha:.0%} of the data, in batches of {DEFAULT_CHUNK} (one "
+                f"full model took {per_model:.1f} s here when trained alone). It is stored and shared by every setting.",
                 icon=":material/info:")
         if st.button("Compute the ground truth", key="build_gt", icon=":material/model_training:",
                      help="runs in the background; the other pages stay usable"):

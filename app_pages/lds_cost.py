@@ -13,7 +13,7 @@ from tda_core.errors import UserError
 from tda_core.experiments import GRIDS, plan_sweep, sweep_settings
 from tda_core.methods import METHODS
 from tda_core.projections import PROJECTIONS
-from tda_core.reference import SOURCE, compare_rows, with_source
+from tda_core.reference import SOURCE, compare_rows, reference_files, with_source
 from tda_core.results import COST_LABELS, filter_results, lds_cost_figure, results_frame
 from tda_core.settings import LIMITS, values_from_row
 from tda_core.specs import EvalSpec
@@ -69,10 +69,11 @@ shown_refs = (shown_refs[shown_refs[SOURCE].isin(chosen_sources)] if show_refere
               else shown_refs.iloc[0:0])
 frame = with_source(own_task, shown_refs)
 if frame.empty:
+    with_references = ", ".join(sorted({f.task for f in reference_files()}))
     st.info(f"No results for {task} yet" + (", and no reference results are shown" if files else
                                              ", and no reference results are committed for it") +
-            ". **Next step:** " + ("switch on the reference results above, " if files else "pick mnist-mlp, "
-                                   "digits-mlp or chorales-mt in the sidebar to see reference results, ") +
+            ". **Next step:** " + ("switch on the reference results above, " if files else
+                                   f"pick {with_references} in the sidebar to see reference results, ") +
             "run a grid (the expander above), add a setting on **Build & attribute**, or run "
             f"`python -m tda_core sweep --task {task} --methods trak --grid small`.", icon=":material/info:")
     st.stop()

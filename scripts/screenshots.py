@@ -1,8 +1,8 @@
 """Real-browser check of the explorer: start the app, open every page in headless Chromium, fail on any
 error element, save one PNG per page (and per browser tab, the teaching views, a phone-width browser page).
 
-    python scripts/screenshots.py --task mnist-mlp --compute --learn   # docs/screenshots/mnist-mlp-*.png
-    python scripts/screenshots.py --task chorales-mt --kind naive
+    python scripts/screenshots.py --task mnist-mlp --compute --learn --ground-truth  # docs/screenshots/mnist-mlp-*
+    python scripts/screenshots.py --task chorales-mt --kind naive --compute
 
 Uses Debian's `chromium` (apt-get install chromium) driven by Playwright (requirements-dev.txt).
 With --compute, the Build and Attribution-browser pages press their Run / Compute buttons (and with
@@ -27,7 +27,8 @@ PAGES = ("", "build", "browse", "lds_cost", "learn")  # "" = home
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
-PRESS = {"build": ("Run", "Compute the ground truth"), "browse": ("Compute", "Compute the")}
+PRESS = {"build": ("Run",), "browse": ("Compute", "Compute the")}
+GROUND_TRUTH_PRESS = ("Compute the ground truth", "Add to the results table")
 LEARN_PRESS = ("Start the live examples", "Train the")
 TABS = {"browse": ("Compare two settings", "Reverse view")}  # extra screenshots, one per tab
 TOGGLES = {"browse": "Show each one's pixel difference"}  # an extra screenshot with this toggle on
@@ -143,6 +144,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="press Run / Compute / Start where a page offers it (trains and attributes)")
     parser.add_argument("--learn", action="store_true", help="with --compute: also start the Learn page's live "
                         "examples and its ground truth (digits; a minute or two)")
+    parser.add_argument("--ground-truth", action="store_true", help="with --compute: also compute the Build "
+                        "page's ground truth (50 subset models of the task), so it shows LDS, and add the row to the "
+                        "results table")
+    parser.add_argument("--first-visit", action="store_true", help="first save the LDS-vs-cost page as a first "
+                        "visitor sees it (use a fresh --store): <task>-lds_cost-first-visit.png")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per page")
     parser.add_argument("--width", type=int, default=1400)
@@ -158,12 +164,21 @@ def capture(browser, base: str, args: argparse.Namespace) -> list[str]:  # noqa:
     failures: list[str] = []
     t_start = time.time()
     page = browser.new_page(viewport={"width": args.width, "height": 1000})
+    if args.first_visit:
+        page.goto(f"{base}/lds_cost?{query}", wait_until="domcontentloaded")
+        wait_idle(page, args.timeout)
+        page.wait_for_timeout(1500)  # plotly draws after the script run
+        failures += [f"lds_cost-first-visit: {text}" for text in errors_on(page)]
+        screenshot(page, out / f"{args.task}-lds_cost-first-visit.png", args.width)
+        print("lds_cost-first-visit: saved")
     for slug in PAGES:
         name = slug or "home"
         page.goto(f"{base}/{slug}?{query}", wait_until="domcontentloaded")
         waited = wait_idle(page, args.timeout)
         if args.compute:
-            for label in PRESS.get(slug, ()) + (LEARN_PRESS if args.learn and slug == "learn" else ()):
+            extra = (LEARN_PRESS if args.learn and slug == "learn" else ()) + (
+                GROUND_TRUTH_PRESS if args.ground_truth and slug == "build" else ())
+            for label in PRESS.get(slug, ()) + extra:
                 took = click_if_present(page, label, args.timeout)
                 if took is not None:
                     print(f"{name}: pressed {label!r}, done after {took:.1f} s "

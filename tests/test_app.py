@@ -451,3 +451,10 @@ def test_build_runs_in_the_background_and_can_be_cancelled(app_store):
     cancel.click().run()
     assert jobs.status(app_store, job.job_id).status == "cancelled"
     assert "was cancelled" in texts(at.info) and "Run" in [b.label for b in at.button]
+
+
+def test_lds_cost_for_a_task_without_results_says_where_to_look(tiny_task):
+    at = open_page("lds_cost", task="cifar2-mlp")
+    assert not at.exception, at.exception
+    assert "No results for cifar2-mlp yet, and no reference results are committed for it" in texts(at.info)
+    assert "pick chorales-mt, digits-mlp, mnist-mlp in the sidebar" in texts(at.info)

@@ -35,7 +35,8 @@ def test_files_of_older_code_read_with_missing_columns(tmp_path):
     old.to_csv(tmp_path / "docs/old.csv", index=False)
     pd.DataFrame({"task": ["mnist-mlp"], "lds": [0.3]}).to_csv(tmp_path / "docs/broken.csv", index=False)
     manifest = tmp_path / "manifest.json"
-    entry = {"task": "mnist-mlp", "label": "x", "where": "here", "when": "2026-01-01", "command": "python -m tda_core x"}
+    entry = {"task": "mnist-mlp", "label": "x", "where": "here", "when": "2026-01-01",
+             "command": "python -m tda_core x"}
     manifest.write_text(json.dumps({"files": [entry | {"path": "docs/old.csv"}, entry | {"path": "docs/broken.csv"},
                                               entry | {"path": "docs/gone.csv"}]}))
     loaded = load_references(reference_files(manifest=manifest), root=tmp_path)

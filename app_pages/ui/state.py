@@ -40,7 +40,8 @@ def init_state() -> None:
 def sync_url(values: dict[str, Any]) -> None:
     """Write `values` into the URL's query parameters (those equal to their default are left out)."""
     for key, value in values.items():
-        text = str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+        text = str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else (
+            str(value))
         if key in DEFAULTS and value == DEFAULTS[key]:
             if key in st.query_params:
                 del st.query_params[key]

@@ -141,7 +141,8 @@ def show_examples(dataset: Dataset, split: str, positions: list[int], captions: 
 
 
 def gallery(dataset: Dataset, table: pd.DataFrame, key: str) -> None:
-    """A table of test examples (rows of `tda_core.examples.example_table`) with thumbnails; selecting a row makes it the chosen test example."""
+    """A table of test examples (rows of `tda_core.examples.example_table`) with thumbnails; selecting a row makes
+    it the chosen test example (inside a fragment, only the fragment reruns)."""
     shown = table.head(500)
     st.session_state[f"_{key}_positions"] = shown["position"].tolist()
 
