@@ -27,7 +27,6 @@ from .store import Store, canonical, spec_key
 JOB_KIND = "jobs"  # store kind of the job records
 ROOT = Path(__file__).resolve().parents[1]
 ACTIVE = ("starting", "running")
-FINISHED = ("done", "failed", "cancelled")
 START_GRACE_S = 60.0  # a job still 'starting' after this long without a worker is reported as failed
 WRITE_INTERVAL_S = 0.5  # progress is written at most this often (and whenever a stage completes)
 MAX_STAGES = 4  # progress stages kept in a record (the most recently reported)
@@ -128,7 +127,7 @@ class JobStatus:
     job_id: str
     kind: str
     title: str
-    status: str  # starting, running, done, failed, cancelled
+    status: str  # starting, running (ACTIVE); done, failed, cancelled
     pid: int | None
     started: float
     updated: float
@@ -143,14 +142,6 @@ class JobStatus:
     @property
     def elapsed_s(self) -> float:
         return (self.finished or time.time()) - self.started
-
-    @property
-    def fraction(self) -> float:
-        """Share done of the first (outermost) stage reported, 0 before any report."""
-        if not self.stages:
-            return 0.0
-        _, done, total = self.stages[0]
-        return min(1.0, done / total) if total else 1.0
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> JobStatus:
