@@ -111,10 +111,11 @@ def select_setting(values: dict[str, Any]) -> None:
 
 
 @contextmanager
-def friendly_errors(next_step: str = "") -> Iterator[None]:
+def friendly_errors(next_step: str = "check the setting in the sidebar (the message names the valid choices)"
+                    ) -> Iterator[None]:
     """Show a UserError as a message with its next step and stop the page, never a traceback."""
     try:
         yield
     except UserError as exc:
-        st.error(f"{exc}" + (f"\n\n**Next step:** {next_step}" if next_step else ""), icon=":material/error:")
+        st.error(f"{exc}\n\n**Next step:** {next_step}", icon=":material/error:")
         st.stop()
