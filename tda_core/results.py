@@ -166,7 +166,8 @@ def lds_cost_figure(frame: pd.DataFrame, x: str = "train_s", log_x: bool = True)
                         error_y=dict(array=_finite(part.get("lds_sem", part["lds"] * np.nan)), width=2, thickness=1),
                         mode="lines+markers+text", text=part["budget"], textposition="middle right",
                         textfont=dict(size=10, color="#555" if own else "#aaa"), name=series,
-                        legendgroup=group, legendgrouptitle_text="your results" if own else source,
+                        legendgroup=group, legendgrouptitle_text=(("your results" if own else source)
+                                                                  if sources != [OWN_SOURCE] else None),
                         showlegend=legend_key not in shown, customdata=data, hovertemplate=template,
                         opacity=1.0 if own else 0.55,
                         marker=dict(size=9 if own else 8, symbol="circle" if own else "circle-open",
