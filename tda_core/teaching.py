@@ -5,6 +5,7 @@ averages them exactly as `attribute` does), so every view shows what the product
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,14 @@ def _column(scores: torch.Tensor | np.ndarray, test_pos: int) -> np.ndarray:
     return s[:, test_pos]
 
 
+def _at(members: MemberAttribution, test_pos: int) -> MemberAttribution:
+    """The members' scores of one test example only (the views below need no other column)."""
+    n_test = members.scores.shape[2]
+    if not 0 <= test_pos < n_test:
+        raise UserError(f"test position {test_pos} is out of range; choose 0..{n_test - 1}")
+    return dataclasses.replace(members, scores=members.scores[:, :, test_pos:test_pos + 1])
+
+
 def _top(column: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-column, kind="stable")[:max(1, min(k, len(column)))]
 
@@ -35,6 +44,7 @@ def _top(column: np.ndarray, k: int) -> np.ndarray:
 def member_ranks(members: MemberAttribution, test_pos: int, k: int) -> pd.DataFrame:
     """For the ensemble's top-k proponents of one test example (columns, strongest first), each member's rank of
     that training example among all of them (rows; 1 = that member's own strongest proponent)."""
+    members, test_pos = _at(members, test_pos), 0
     top = _top(_column(members.average(), test_pos), k)
     rows = []
     for j in range(len(members.labels)):
@@ -53,6 +63,7 @@ def top_k_as_members_grow(members: MemberAttribution, test_pos: int, k: int,
     """The top-k proponents of one test example when the first n members are averaged (as `attribute` averages
     them), for each n of `growth_sizes`: one row per (members, rank) with the training position, its score and
     whether it is among the full ensemble's top k. Columns: members, rank, position, score, in_final."""
+    members, test_pos = _at(members, test_pos), 0
     n_all = len(members.labels)
     final = set(_top(_column(members.average(), test_pos), k).tolist())
     rows = []
@@ -68,6 +79,7 @@ def growth_summary(members: MemberAttribution, test_pos: int, k: int,
                    sizes: Sequence[int] = GROWTH_SIZES) -> pd.DataFrame:
     """Per member count n: how many of the top k are already the full ensemble's, and the Spearman correlation of
     the n-member scores with the full ensemble's over all training examples."""
+    members, test_pos = _at(members, test_pos), 0
     full = _column(members.average(), test_pos)
     final = set(_top(full, k).tolist())
     rows = []

@@ -82,3 +82,15 @@ def test_the_ensemble_ladder_is_lds_against_the_ground_truth(task, store):
     ladder = ensemble_ladder([("one", one), ("two", two)], truth)
     assert ladder["ensemble"].tolist() == ["one", "two"]
     assert ladder["LDS"].tolist() == [round(lds_against(s, truth).mean, 3) for s in (one, two)]
+
+
+def test_member_views_read_the_chosen_test_example():
+    scores = torch.tensor([[[5.0, 1.0], [1.0, 5.0], [3.0, 3.0]], [[4.0, 2.0], [2.0, 6.0], [1.0, 1.0]]])
+    members = MemberAttribution(["m0", "m1"], scores, torch.tensor([[1.0, 0.5, 1.0], [1.0, 1.0, 2.0]]), 1.0, "k")
+    torch.testing.assert_close(members.average(), (scores.mean(0)) * torch.tensor([1.0, 0.75, 1.5])[:, None])
+    ranks = member_ranks(members, 1, 2)  # test example 1: ensemble 2.25, 4.125, 3.0 -> positions 1, 2
+    assert list(ranks.columns) == [1, 2]
+    assert ranks.loc["m0"].tolist() == [2, 1] and ranks.loc["m1"].tolist() == [1, 2]  # m0 alone: 1, 2.5, 3
+    assert top_k_as_members_grow(members, 1, 1, sizes=(1,))["position"].tolist() == [1, 1]
+    with pytest.raises(UserError, match="test position 2 is out of range"):
+        member_ranks(members, 2, 1)
