@@ -91,6 +91,6 @@ def test_member_views_read_the_chosen_test_example():
     ranks = member_ranks(members, 1, 2)  # test example 1: ensemble 2.25, 4.125, 3.0 -> positions 1, 2
     assert list(ranks.columns) == [1, 2]
     assert ranks.loc["m0"].tolist() == [2, 1] and ranks.loc["m1"].tolist() == [1, 2]  # m0 alone: 1, 2.5, 3
-    assert top_k_as_members_grow(members, 1, 1, sizes=(1,))["position"].tolist() == [1, 1]
+    assert top_k_as_members_grow(members, 1, 1, sizes=(1,))["position"].tolist() == [2, 1]
     with pytest.raises(UserError, match="test position 2 is out of range"):
         member_ranks(members, 2, 1)
