@@ -26,8 +26,8 @@ from .context import Context, resolve
 from .costs import Costs, Ledger
 from .data import Dataset, load_dataset
 from .device import describe_device
-from .ensembles import (Member, MemberContext, base_seeds, build_member, check_setting, differentiated_model,
-                        member_labels, members_per_model, needs_preparing, prepare_member)
+from .ensembles import (Member, MemberContext, base_seeds, build_member, build_members, check_setting,
+                        differentiated_model, member_labels, members_per_model, needs_preparing, prepare_member)
 from .executors import Executor, Task, in_order
 from .errors import UserError
 from .features import Features, GradientSource, all_param_names, compute_features, derive_seed, sample_labels
@@ -483,3 +483,74 @@ def _finish(request: _Request, ctx: Context, ledger: Ledger, average: MemberAver
                     "method": request.method.name, "ensemble": request.ensemble.kind, "damping": request.main,
                     "uncovered": uncovered})
     return _attribution(request, result, costs, members, uncovered)
+
+
+
+# --- each member's own scores (teaching views) ---------------------------------------------------------
+MEMBER_KIND = "member_scores"
+
+
+@dataclasses.dataclass
+class MemberAttribution:
+    """Each member's scores [members, n_train, n_test] at the main damping, before TRAK's Q, and each member's Q
+    [members, n_train] (None for methods without one): what `attribute` averages."""
+
+    labels: list[str]
+    scores: torch.Tensor
+    q: torch.Tensor | None
+    damping: float | None
+    key: str
+
+    def member(self, j: int) -> torch.Tensor:
+        """Member j alone as an attribution (its scores times its own Q)."""
+        return self.scores[j] * (self.q[j][:, None] if self.q is not None else 1.0)
+
+    def average(self, n: int | None = None) -> torch.Tensor:
+        """The ensemble of the first n members as `attribute` computes it: mean scores times mean Q."""
+        n = len(self.labels) if n is None else n
+        if not 1 <= n <= len(self.labels):
+            raise UserError(f"choose 1..{len(self.labels)} members, got {n}")
+        average = MemberAverage()
+        for j in range(n):
+            average.add(MemberScores({self.damping: self.scores[j]}, None if self.q is None else self.q[j], 0.0))
+        return average.result()[self.damping]
+
+
+def _members_key(request: _Request) -> str:
+    return spec_key({"members of": request.key})
+
+
+def members_stored(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, store: Store | None = None,
+                   device: str = "auto") -> bool:
+    """True when `member_attribution` would just read the store."""
+    task, ctx = resolve(task, store, device)
+    dataset = load_dataset(task.dataset)
+    key = score_key(task, method, ensemble, dataset, [main_damping(method)], torch.arange(dataset.n_test), ctx.device)
+    return ctx.store.has(MEMBER_KIND, spec_key({"members of": key}))
+
+
+def member_attribution(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, *,
+                       store: Store | None = None, device: str = "auto",
+                       progress: Progress | None = None) -> MemberAttribution:
+    """Every member's own scores on all test examples (stored; training features come from the feature cache),
+    so views can show how members agree and how the ensemble's ranking forms as members are added."""
+    task, ctx = resolve(task, store, device, progress)
+    request = _request(task, method, ensemble, ctx, None, None)
+    key = _members_key(request)
+    found = ctx.store.load(MEMBER_KIND, key)
+    if found is None:
+        bases = load_or_train(task, base_seeds(ensemble), store=ctx.store, device=ctx.device,
+                              dataset=request.dataset, progress=ctx.progress)
+        labels, scores, qs = [], [], []
+        for i, member in enumerate(build_members(task, ensemble, method, bases, request.dataset, ctx.store,
+                                                 ctx.device, request.test_pos)):
+            scored = _score_member(member, request, ctx, Ledger(), {}, {})
+            labels.append(member.description)
+            scores.append(scored.by_damping[request.main].float().cpu())
+            qs.append(None if scored.q is None else scored.q.float().cpu())
+            report(ctx.progress, i + 1, ensemble.n_members, "member scores")
+        tensors = {"scores": torch.stack(scores)} | ({} if qs[0] is None else {"q": torch.stack(qs)})
+        found = ctx.store.save(MEMBER_KIND, key, tensors, {"members": labels, "damping": request.main,
+                                                           "task": task.name, "scores": request.key})
+    return MemberAttribution(found.meta["members"], found.tensors["scores"], found.tensors.get("q"),
+                             found.meta["damping"], key)

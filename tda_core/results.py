@@ -25,6 +25,8 @@ SERIES_COLORS = {"naive": "#4C78A8", "dropout": "#E45756", "dropout (shared proj
                  "dropout-forward": "#F58518", "lora": "#54A24B", "lora (shared proj.)": "#88D27A",
                  "proj-seeds": "#9D9D9D"}
 CONTROL_SERIES = "proj-seeds"  # drawn dashed: what averaging projection seeds alone buys
+SOURCE_COLUMN = "source"  # where a row comes from: this store, or a reference file (tda_core/reference.py)
+OWN_SOURCE = "this store"
 
 
 def series_label(row: pd.Series | dict[str, Any]) -> str:
@@ -109,46 +111,96 @@ def pareto(df: pd.DataFrame, cost_col: str, score_col: str = "lds") -> pd.DataFr
     return ordered.loc[keep]
 
 
+def _finite(values: pd.Series) -> pd.Series:
+    return pd.to_numeric(values, errors="coerce").where(lambda v: np.isfinite(v))
+
+
+def _hover(part: pd.DataFrame, x: str) -> tuple[np.ndarray, str]:
+    """customdata (setting, row id, source, replicate spread text, ceiling text) and the hover template."""
+    rep = _finite(part.get("lds_rep_se", pd.Series(np.nan, index=part.index)))
+    reps = part.get("replicates", pd.Series(np.nan, index=part.index))
+    ceiling = _finite(part.get("ceiling", pd.Series(np.nan, index=part.index)))
+    rep_text = [f"<br>± {r:.3f} across {int(n)} seed replicates" if pd.notna(r) else "" for r, n in zip(rep, reps)]
+    ceil_text = [f"<br>ground-truth ceiling {c:.3f}" if pd.notna(c) else "" for c in ceiling]
+    row_id = part["row_id"] if "row_id" in part else pd.Series(part.index, index=part.index)
+    data = np.column_stack([part["setting"], row_id, part[SOURCE_COLUMN], rep_text, ceil_text])
+    template = ("%{customdata[0]}<br>LDS %{y:.3f} ± %{error_y.array:.3f} (test examples)%{customdata[3]}"
+                "%{customdata[4]}<br>" + COST_LABELS[x] + " %{x:.3g}<br><i>%{customdata[2]}</i><extra></extra>")
+    return data, template
+
+
 def lds_cost_figure(frame: pd.DataFrame, x: str = "train_s", log_x: bool = True):  # noqa: ANN201 - plotly Figure
-    """LDS (with its standard error) against a cost column: one panel per (method, projection), one line per
-    ensemble series through its settings in cost order, labelled by budget, the projection-seed control dashed
-    and each panel's Pareto frontier dotted."""
+    """LDS against a cost column: one panel per (method, projection), one line per ensemble series through its
+    settings in cost order, labelled by budget; error bars are the standard error over test examples (thin, with
+    caps) and, where a row has seed replicates, across replicates (thick); the projection-seed control is dashed,
+    each source's Pareto frontier dotted and the ground truth's ceiling (the best LDS its noise allows) a
+    dash-dot line. Rows whose `source` is not `OWN_SOURCE` (reference results) are drawn with open, faded markers.
+    Every point's customdata holds (setting, row id, source): what a click on it selects."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     if x not in COST_LABELS:
         raise unknown_choice("x axis", x, list(COST_LABELS))
     df = with_labels(frame)
+    if SOURCE_COLUMN not in df:
+        df[SOURCE_COLUMN] = OWN_SOURCE
     methods, projs = sorted(df["method"].unique()), sorted(df["proj"].astype(str).unique())
     fig = make_subplots(rows=len(methods), cols=len(projs), shared_yaxes=True,
                         subplot_titles=[f"{m} · {p} projection" for m in methods for p in projs],
                         vertical_spacing=0.16 if len(methods) > 1 else 0.1, horizontal_spacing=0.06)
     shown: set[str] = set()
+    sources = sorted(df[SOURCE_COLUMN].unique(), key=lambda s: (s != OWN_SOURCE, s))
     for r, method in enumerate(methods, 1):
         for c, proj in enumerate(projs, 1):
             panel = df[(df["method"] == method) & (df["proj"].astype(str) == proj)]
-            for series, part in panel.groupby("series", sort=False):
-                part = part.sort_values(x)
-                fig.add_trace(go.Scatter(
-                    x=part[x], y=part["lds"], error_y=dict(array=part["lds_sem"], width=2, thickness=1),
-                    mode="lines+markers+text", text=part["budget"], textposition="middle right",
-                    textfont=dict(size=10, color="#555"), name=series, legendgroup=series,
-                    showlegend=series not in shown, customdata=part[["setting"]],
-                    hovertemplate="%{customdata[0]}<br>LDS %{y:.3f}<br>" + COST_LABELS[x] + " %{x:.3g}"
-                                  "<extra></extra>",
-                    marker=dict(size=9, line=dict(width=1, color="white")),
-                    line=dict(color=SERIES_COLORS.get(series, "#333"), width=1.5,
-                              dash="dash" if series == CONTROL_SERIES else "solid")), row=r, col=c)
-                shown.add(series)
-            front = pareto(panel, x)
-            fig.add_trace(go.Scatter(x=front[x], y=front["lds"], mode="lines", name="Pareto frontier",
-                                     line=dict(color="#222", dash="dot", shape="hv", width=1.2),
-                                     legendgroup="pareto", showlegend="pareto" not in shown, hoverinfo="skip"),
-                          row=r, col=c)
-            shown.add("pareto")
+            for source in sources:
+                own = source == OWN_SOURCE
+                part_source = panel[panel[SOURCE_COLUMN] == source]
+                group = "own" if own else source
+                for series, part in part_source.groupby("series", sort=False):
+                    part = part.sort_values(x)
+                    color = SERIES_COLORS.get(series, "#333")
+                    data, template = _hover(part, x)
+                    legend_key = f"{group}/{series}"
+                    fig.add_trace(go.Scatter(
+                        x=part[x], y=part["lds"],
+                        error_y=dict(array=_finite(part.get("lds_sem", part["lds"] * np.nan)), width=2, thickness=1),
+                        mode="lines+markers+text", text=part["budget"], textposition="middle right",
+                        textfont=dict(size=10, color="#555" if own else "#aaa"), name=series,
+                        legendgroup=group, legendgrouptitle_text=(("your results" if own else source)
+                                                                  if sources != [OWN_SOURCE] else None),
+                        showlegend=legend_key not in shown, customdata=data, hovertemplate=template,
+                        opacity=1.0 if own else 0.55,
+                        marker=dict(size=9 if own else 8, symbol="circle" if own else "circle-open",
+                                    line=dict(width=1 if own else 2, color="white" if own else color), color=color),
+                        line=dict(color=color, width=1.5 if own else 1,
+                                  dash="dash" if series == CONTROL_SERIES else "solid")), row=r, col=c)
+                    shown.add(legend_key)
+                    rep = _finite(part.get("lds_rep_se", part["lds"] * np.nan))
+                    if rep.notna().any():
+                        fig.add_trace(go.Scatter(x=part[x], y=part["lds"], mode="markers", showlegend=False,
+                                                 marker=dict(size=1, color=color), hoverinfo="skip",
+                                                 legendgroup=group, opacity=1.0 if own else 0.55,
+                                                 error_y=dict(array=rep, width=0, thickness=4, color=color)),
+                                      row=r, col=c)
+                if part_source.empty:
+                    continue
+                front = pareto(part_source, x)
+                name = "Pareto frontier" if own else "Pareto frontier (reference)"
+                fig.add_trace(go.Scatter(x=front[x], y=front["lds"], mode="lines", name=name,
+                                         line=dict(color="#222" if own else "#aaa", dash="dot", shape="hv", width=1.2),
+                                         legendgroup=group, showlegend=f"{group}/pareto" not in shown,
+                                         hoverinfo="skip"), row=r, col=c)
+                shown.add(f"{group}/pareto")
+                ceiling = _finite(part_source.get("ceiling", part_source["lds"] * np.nan)).median()
+                if pd.notna(ceiling):
+                    fig.add_hline(y=float(ceiling), row=r, col=c, line=dict(color="#888" if own else "#ccc",
+                                                                            dash="dashdot", width=1),
+                                  annotation_text=f"ground-truth ceiling {ceiling:.2f}" + ("" if own else " (ref.)"),
+                                  annotation_font=dict(size=10, color="#777"), annotation_position="top left")
             fig.update_xaxes(title_text=COST_LABELS[x], type="log" if log_x else "linear", row=r, col=c)
         fig.update_yaxes(title_text="LDS (higher is better)", row=r, col=1)
     fig.update_layout(height=380 * len(methods) + 100, template="plotly_white", legend=dict(title=None),
-                      margin=dict(l=10, r=10, t=60, b=10),
+                      margin=dict(l=10, r=10, t=60, b=10), clickmode="event+select",
                       title=f"LDS against {COST_LABELS[x]} ({', '.join(sorted(map(str, df['task'].unique())))})")
     return fig

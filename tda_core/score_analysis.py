@@ -14,7 +14,7 @@ from scipy.stats import rankdata, spearmanr
 
 from .data import Dataset
 from .errors import UserError
-from .evaluation import GroundTruth, datamodel_predictions, lds_against
+from .evaluation import datamodel_predictions
 
 
 def as_numpy(scores: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -94,22 +94,24 @@ def compare(scores_a: np.ndarray | torch.Tensor, scores_b: np.ndarray | torch.Te
                       float(rho) if np.isfinite(rho) else 0.0)
 
 
-def member_agreement(member_scores: list[np.ndarray | torch.Tensor]) -> pd.DataFrame:
-    """Mean over test examples of the column Spearman between every pair of members and with their mean.
+def member_agreement(member_scores: list[np.ndarray | torch.Tensor],
+                     ensemble_scores: np.ndarray | torch.Tensor) -> pd.DataFrame:
+    """Mean over test examples of the column Spearman between every pair of members and with the ensemble's
+    scores (as `attribute` combines them, e.g. `MemberAttribution.average()`).
 
-    Returns a square table indexed by 'member 1'..'member n' and 'average'.
+    Returns a square table indexed by 'member 1'..'member n' and 'ensemble'.
     """
     mats = [as_numpy(m) for m in member_scores]
     if not mats:
         raise UserError("no members to compare")
-    mats.append(np.mean(mats, axis=0))
+    mats.append(as_numpy(ensemble_scores))
     normed = []  # per matrix: column ranks, centred and scaled to unit norm, so a Spearman is a dot product
     for m in mats:
         r = rankdata(m, axis=0)
         r -= r.mean(0)
         norm = np.sqrt((r ** 2).sum(0))
         normed.append(np.divide(r, norm, out=np.full_like(r, np.nan), where=norm > 0))
-    names = [f"member {i + 1}" for i in range(len(mats) - 1)] + ["average"]
+    names = [f"member {i + 1}" for i in range(len(mats) - 1)] + ["ensemble"]
     table = np.ones((len(mats), len(mats)))
     for i in range(len(mats)):
         for j in range(i + 1, len(mats)):
@@ -140,13 +142,3 @@ def lds_scatter(scores: np.ndarray | torch.Tensor, subsets: np.ndarray | torch.T
     rho = spearmanr(predicted, actual).statistic
     frame = pd.DataFrame({"subset": np.arange(len(actual)), "predicted": predicted, "actual": actual})
     return frame, float(rho) if np.isfinite(rho) else float("nan")
-
-
-def lds_ladder(member_scores: list[np.ndarray | torch.Tensor], truth: GroundTruth) -> pd.DataFrame:
-    """LDS (mean, sem) of the average of the first 1, 2, ... n members against a ground truth."""
-    rows, total = [], None
-    for n, scores in enumerate(member_scores, start=1):
-        total = as_numpy(scores) if total is None else total + as_numpy(scores)
-        result = lds_against(total / n, truth)
-        rows.append({"members averaged": n, "LDS": round(result.mean, 3), "± sem": round(result.sem, 3)})
-    return pd.DataFrame(rows)

@@ -16,9 +16,12 @@ from .specs import EnsembleSpec, MethodSpec, TaskSpec, ensemble_kind, method_rec
 from .tasks import TASKS, get_task
 
 DEFAULT_TASK = "mnist-mlp"
-# value bounds of the numeric setting values (what a user may type or a URL may carry)
+# value bounds of the numeric setting values (what a user may type or a URL may carry); the app refuses values
+# outside them (the CLI takes the specs' own limits), M / runs bound the app's ground-truth inputs
 LIMITS = {"I": (1, 50), "D": (1, 50), "L": (1, 50), "P": (1, 50), "proj_dim": (1, 65536), "seed": (0, 10_000),
-          "lora_rank": (1, 256)}
+          "lora_rank": (1, 256), "M": (2, 1000), "runs": (1, 10)}
+# bounds of the real-valued setting values
+REAL_LIMITS = {"damping": (0.0, 1000.0), "dropout_p": (0.0, 0.9)}
 # flat key -> default value
 DEFAULTS: dict[str, Any] = {
     "task": DEFAULT_TASK, "method": "trak", "proj": "kron", "proj_dim": 2048, "damping": 1.0,
@@ -81,6 +84,20 @@ def make_setting(values: dict[str, Any]) -> Setting:
     return Setting(task, method, ensemble)
 
 
+def check_limits(values: dict[str, Any]) -> None:
+    """Refuse numeric setting values outside `LIMITS` / `REAL_LIMITS` with the reason (the app's ceilings)."""
+    from .errors import UserError
+
+    for key, value in values.items():
+        bounds = LIMITS.get(key) or REAL_LIMITS.get(key)
+        if bounds is None or value is None or isinstance(value, bool):
+            continue
+        low, high = bounds
+        if not low <= value <= high:
+            raise UserError(f"{key}={value:g} is outside what the app runs ({low:g} to {high:g}): the app keeps each "
+                            "run within minutes on a laptop; run larger settings with `python -m tda_core run ...`")
+
+
 def setting_values(setting: Setting) -> dict[str, Any]:
     """The flat values of a setting (the inverse of `make_setting` for the values it reads)."""
     m, e = setting.method, setting.ensemble
@@ -96,16 +113,66 @@ def setting_values(setting: Setting) -> dict[str, Any]:
     return values
 
 
+def read_query(query: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """Setting values given in a URL (``?task=digits-mlp&kind=naive&I=2``) and, for every setting value that
+    cannot be used, one sentence saying why and what is valid. Keys that are not setting values are left alone."""
+    choices = {"task": sorted(TASKS), "method": METHODS.names(), "kind": ENSEMBLES.names(), "proj": PROJECTIONS.names()}
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, text in query.items():
+        text = str(text).strip()
+        if key in choices:
+            if text in choices[key]:
+                out[key] = text
+            else:
+                problems.append(f"unknown {key} {text!r}; valid choices: {', '.join(choices[key])}")
+        elif key in LIMITS or key in REAL_LIMITS:
+            low, high = LIMITS.get(key) or REAL_LIMITS[key]
+            try:
+                value = int(text) if key in LIMITS else float(text)
+            except ValueError:
+                problems.append(f"{key}={text!r} is not a {'whole ' if key in LIMITS else ''}number; "
+                                f"give one from {low:g} to {high:g}")
+                continue
+            if value < low:
+                problems.append(f"{key}={text} is below the smallest value, {low:g}")
+                continue
+            if value > high:
+                problems.append(f"{key}={text} is above the app's ceiling of {high:g} (larger runs belong on the "
+                                "command line: `python -m tda_core ...`)")
+                continue
+            out[key] = value
+        elif key == "shared_projection":
+            if text.lower() in ("true", "false"):
+                out[key] = text.lower() == "true"
+            else:
+                problems.append(f"shared_projection={text!r}: write true or false")
+    return out, problems
+
+
 def values_from_query(query: dict[str, str]) -> dict[str, Any]:
     """Setting values given in a URL (``?task=digits-mlp&kind=naive&I=2``); unknown or invalid ones are ignored."""
-    choices = {"task": TASKS, "method": METHODS, "kind": ENSEMBLES, "proj": PROJECTIONS}
-    out: dict[str, Any] = {}
-    for key, text in query.items():
-        if key in choices and text in choices[key]:
-            out[key] = text
-        elif key in LIMITS and text.isdigit() and LIMITS[key][0] <= int(text) <= LIMITS[key][1]:
-            out[key] = int(text)
-    return out
+    return read_query(query)[0]
+
+
+def values_from_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The flat setting values of a results-table row (task, method, projection, damping, ensemble and its budget),
+    e.g. to open a plotted point's setting; values a row does not hold keep their `DEFAULTS`."""
+    def given(value: Any) -> bool:
+        return value is not None and not (isinstance(value, float) and value != value) and value != ""
+
+    values: dict[str, Any] = {"task": str(row["task"]), "method": str(row["method"]), "proj": str(row["proj"]),
+                              "kind": str(row["ensemble"]), "I": int(row["I"])}
+    if given(row.get("proj_dim")):
+        values["proj_dim"] = int(row["proj_dim"])
+    if given(row.get("damping")) and method_record(values["method"]).damped:
+        values["damping"] = float(row["damping"])
+    budget = ensemble_kind(values["kind"]).budget
+    if budget and given(row.get(budget)):
+        values[budget] = int(row[budget])
+    if given(row.get("shared_projection")):
+        values["shared_projection"] = str(row["shared_projection"]).lower() == "true"
+    return values
 
 
 # --- a setting written as text: "kind=dropout,I=2,D=5" -------------------------------------------------------

@@ -7,20 +7,23 @@ and checks what is shown, including the error paths.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tda_core import tasks
-from tda_core.attribution import attribute
-from tda_core.evaluation import ground_truth
-from tda_core.experiments import run
-from tda_core.results import RESULTS_TABLE
+from tda_core import jobs, tasks
+from tda_core.attribution import attribute, member_attribution
+from tda_core.evaluation import ground_truth, lds_against
+from tda_core.experiments import compare_stored, run
+from tda_core.reference import read_reference, reference_files
+from tda_core.results import RESULTS_TABLE, results_frame
 from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec, Recipe
 from tda_core.tasks import get_task
 from tda_core.store import Store
+from tda_core.teaching import member_ranks as teaching_ranks
 
 TRAK = MethodSpec("trak", proj="kron", proj_dim=2048)  # the app's default method
 MAIN = EnsembleSpec("dropout", I=1, D=2)
@@ -50,8 +53,10 @@ def filled_store(tmp_path_factory, tiny_task):
         store.append_rows(RESULTS_TABLE, [run(tiny_task, TRAK, ensemble, EVAL, store=store, truth=truth).row()])
     for name in ("grad-dot", "grad-cos"):  # the Learn page's examples
         attribute(tiny_task, MethodSpec(name), OTHER, store=store)
-    for seed in range(5):
-        attribute(tiny_task, TRAK, EnsembleSpec("naive", I=1, seed=seed), store=store)
+    for size in range(1, 6):
+        attribute(tiny_task, TRAK, EnsembleSpec("naive", I=size), store=store)
+    member_attribution(tiny_task, TRAK, EnsembleSpec("naive", I=5), store=store)
+    member_attribution(tiny_task, TRAK, MAIN, store=store)  # the browser's member views
     return store
 
 
@@ -66,7 +71,7 @@ def open_page(page: str | None = None, **state) -> AppTest:
     for key, value in {**STATE, **state}.items():
         at.session_state[key] = value
     if page:
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"app_pages/{page}.py")
     return at.run()
 
 
@@ -77,6 +82,11 @@ def captions(at: AppTest) -> list[str]:
 def table_with(at: AppTest, column: str, value) -> pd.DataFrame:
     """The first table shown whose `column` holds `value`."""
     return next(d.value for d in at.dataframe if column in d.value and value in set(d.value[column]))
+
+
+def digits_reference():
+    """The reference file the LDS-vs-cost page shows for digits-mlp by default."""
+    return reference_files("digits-mlp")[0]
 
 
 def texts(elements) -> str:
@@ -116,7 +126,8 @@ def test_browser_shows_proponents_and_opponents(app_store):
 
 
 def test_browser_compares_two_settings(app_store):
-    at = open_page("browse", test_pos=5, browse_k=4)
+    at = open_page("browse", test_pos=5, browse_k=4, tab="Compare two settings")
+    assert not at.exception, at.exception
     labels = [m.label for m in at.metric]
     assert "Top-4 proponents shared" in labels and "Spearman of all scores" in labels
     shared = next(m.value for m in at.metric if m.label == "Top-4 proponents shared")
@@ -126,7 +137,7 @@ def test_browser_compares_two_settings(app_store):
 
 
 def test_browser_reverse_view_lists_test_examples(app_store):
-    at = open_page("browse", test_pos=5, browse_k=3, reverse_pos=10)
+    at = open_page("browse", test_pos=5, browse_k=3, reverse_pos=10, tab="Reverse view")
     reverse = table_with(at, "role", "helps")
     assert list(reverse["role"]) == ["helps"] * 3 + ["hurts"] * 3
     assert reverse["score"].iloc[0] >= reverse["score"].iloc[2]
@@ -146,6 +157,11 @@ def test_browser_computes_a_missing_setting_on_request(app_store):
     assert "1 model(s) to train (0 stored)" in texts(at.info).replace("**", "")
     assert not at.get("image")
     at.button(key="compute-main").click().run()
+    assert not at.exception, at.exception
+    (job,) = jobs.all_jobs(app_store)  # the work runs in a worker process, not in the script run
+    assert job.kind == "attribute" and "seed=9" not in job.title and "naive I=1" in job.title
+    assert jobs.wait(app_store, job.job_id, TIMEOUT).status == "done"
+    at.run()  # what the job's progress panel does when the job ends
     assert not at.exception, at.exception
     assert len(table_with(at, "role", "proponent")) == 6 and len(captions(at)) >= 7
 
@@ -182,22 +198,62 @@ def test_missing_dataset_is_a_message_not_a_traceback(app_store):
     assert "CIFAR-10 not found" in texts(at.error) and "--download" in texts(at.error)
 
 
-def test_lds_cost_plots_and_filters_results(app_store):
+def test_lds_cost_plots_own_and_reference_results(app_store):
     at = open_page("lds_cost")
     assert not at.exception, at.exception
-    assert len(at.get("plotly_chart")) == 1
-    assert len(at.dataframe[0].value) == 3
+    (chart,) = at.get("plotly_chart")
+    table = at.dataframe(key="lc_table").value
+    reference = table[table["source"] != "this store"]
+    assert (table["source"] == "this store").sum() == 3
+    assert len(reference) > 0 and set(reference["source"]) == {digits_reference().source}
+    figure = json.loads(chart.proto.spec)
+    assert "circle-open" in {t.get("marker", {}).get("symbol") for t in figure["data"]}  # reference drawn apart
+    assert any(digits_reference().when in caption for caption in texts(at.caption).splitlines())  # where and when
+    at.toggle(key="lc_ref").set_value(False).run()
+    assert len(at.dataframe(key="lc_table").value) == 3
     at.multiselect(key="lc_series").set_value(["proj-seeds"]).run()
-    assert len(at.dataframe[0].value) == 1 and at.dataframe[0].value["ensemble"].iloc[0] == "proj-seeds"
+    shown = at.dataframe(key="lc_table").value
+    assert len(shown) == 1 and shown["ensemble"].iloc[0] == "proj-seeds"
     assert at.selectbox(key="lc_x").options == ["training seconds", "serving seconds", "space (bytes)",
                                                  "independently trained models", "members"]
 
 
-def test_lds_cost_on_an_empty_store_explains_how_to_fill_it(tiny_task):
-    at = open_page("lds_cost")
-    assert not at.exception
-    assert "No results in the store yet" in texts(at.info)
+def test_lds_cost_on_an_empty_store_shows_the_reference_results(tiny_task):
+    at = open_page("lds_cost", task="mnist-mlp")  # a first visitor: the default task, nothing computed
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == 1
+    table = at.dataframe(key="lc_table").value
+    assert len(table) == len(read_reference(reference_files("mnist-mlp")[0]))
+    assert (table["source"] != "this store").all()
     assert "Run the sweep" in [b.label for b in at.button]
+
+
+def test_lds_cost_compares_two_selected_rows_pairwise(app_store):
+    at = open_page("lds_cost", lc_ref=False)
+    table = at.dataframe(key="lc_table").value
+    rows = [int(i) for i in (table["ensemble"] == "dropout").to_numpy().nonzero()[0]]
+    rows += [int(i) for i in (table["ensemble"] == "naive").to_numpy().nonzero()[0]]
+    at.session_state["lc_table"] = {"selection": {"rows": rows, "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    stored = results_frame(app_store).set_index("ensemble")
+    want = compare_stored(app_store, stored.loc["dropout", "setting_key"], stored.loc["naive", "setting_key"])
+    assert metrics["A − B"] == f"{want.difference:+.3f}"
+    assert metrics["95% interval"] == f"[{want.low:+.3f}, {want.high:+.3f}]"
+    assert metrics["Verdict"] == want.verdict
+
+
+def test_lds_cost_explains_why_a_reference_row_cannot_be_compared(app_store):
+    at = open_page("lds_cost")
+    table = at.dataframe(key="lc_table").value
+    own = int((table["source"] == "this store").to_numpy().nonzero()[0][0])
+    reference = int((table["source"] != "this store").to_numpy().nonzero()[0][0])
+    at.session_state["lc_table"] = {"selection": {"rows": [own, reference], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, at.exception
+    assert "reference rows carry no per-example LDS" in texts(at.info)
+    assert "A − B" not in [m.label for m in at.metric]
 
 
 def test_learn_runs_its_live_examples(app_store):
@@ -207,8 +263,11 @@ def test_learn_runs_its_live_examples(app_store):
         "1 · Gradient similarity: Grad-Dot and Grad-Cos", "2 · One model is not enough",
         "3 · Cheaper members: Dropout and LoRA ensembles", "4 · What LDS measures", "5 · Counterfactual check"]
     assert len(at.get("plotly_chart")) == 3  # member agreement + two LDS scatters (ground truth is stored)
-    ladder = at.dataframe[0].value
-    assert list(ladder["members averaged"]) == [1, 2, 3, 4, 5]
+    ladder = at.dataframe[0].value  # the product's own naive ensembles of 1..5 models, not averaged members
+    truth = ground_truth(get_task("digits-mlp"), EVAL, store=app_store)
+    want = [round(lds_against(attribute(get_task("digits-mlp"), TRAK, EnsembleSpec("naive", I=i),
+                                        store=app_store).scores, truth).mean, 3) for i in range(1, 6)]
+    assert list(ladder["LDS"]) == want and ladder["ensemble"].str.startswith("naive I=").all()
     at.select_slider(key="learn_cf_k").set_value(10)
     at.button(key="learn_cf").click().run()
     assert not at.exception, at.exception
@@ -250,10 +309,11 @@ def test_compare_counts_overlap_and_rank_correlation():
     same, reversed_ = compare(a, a * 2 + 1, 0, 5), compare(a, -a, 0, 5)
     assert (same.overlap, same.opponent_overlap, same.spearman) == (5, 5, 1.0)
     assert (reversed_.overlap, reversed_.spearman) == (0, -1.0)
-    table = member_agreement([a, a, -a])
+    table = member_agreement([a, a, -a], a)
     assert table.loc["member 1", "member 2"] == pytest.approx(1.0)
     assert table.loc["member 1", "member 3"] == pytest.approx(-1.0)
-    assert list(table.index) == ["member 1", "member 2", "member 3", "average"]
+    assert table.loc["member 3", "ensemble"] == pytest.approx(-1.0)
+    assert list(table.index) == ["member 1", "member 2", "member 3", "ensemble"]
 
 
 def test_hub_share_separates_shared_from_distinct_proponents():
@@ -285,3 +345,116 @@ def test_lds_cost_estimates_a_sweep_before_running_it(app_store):
     estimate = texts(at.info)
     # the fixture ran three of the small grid's seven settings: naive I1, dropout I1 D2, proj-seeds I1 P2
     assert "digits-mlp: 7 settings, 3 already in the results table, 4 to run" in estimate
+
+
+def test_a_url_reading_names_every_value_it_cannot_use():
+    from tda_core.errors import UserError
+    from tda_core.settings import LIMITS, check_limits, read_query
+
+    values, problems = read_query({"task": "nope", "I": "-3", "D": "100000", "L": "two", "damping": "2.5",
+                                   "tab": "Reverse view", "shared_projection": "maybe", "kind": "naive"})
+    assert values == {"damping": 2.5, "kind": "naive"}  # keys that are not setting values are left to their pages
+    assert problems == [
+        "unknown task 'nope'; valid choices: chorales-mt, cifar2-mlp, cifar2-resnet9, cifar2-resnet9-cpu, digits-mlp, "
+        "maestro-mt, mnist-mlp",
+        "I=-3 is below the smallest value, 1",
+        f"D=100000 is above the app's ceiling of {LIMITS['D'][1]} (larger runs belong on the command line: "
+        "`python -m tda_core ...`)",
+        "L='two' is not a whole number; give one from 1 to 50",
+        "shared_projection='maybe': write true or false"]
+    check_limits({"I": 50, "M": 1000, "damping": 0.0})
+    with pytest.raises(UserError, match=r"I=51 is outside what the app runs \(1 to 50\)"):
+        check_limits({"I": 51})
+    with pytest.raises(UserError, match=r"M=5000 is outside what the app runs \(2 to 1000\)"):
+        check_limits({"M": 5000})
+
+
+@pytest.mark.parametrize("page", [None, "browse", "build", "lds_cost"])
+def test_a_link_with_unusable_values_is_a_message_not_an_exception(app_store, page):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update({"task": "digits-mlp", "kind": "naive", "I": "-3", "D": "100000", "method": "garbage",
+                            "seed": "x"})
+    if page:
+        at.switch_page(f"app_pages/{page}.py")
+    at.run()
+    assert not at.exception, at.exception
+    warning = texts(at.warning)
+    for expected in ("unknown method 'garbage'", "I=-3 is below the smallest value, 1",
+                     "D=100000 is above the app's ceiling of 50", "seed='x' is not a whole number", "Next step"):
+        assert expected in warning
+    assert at.selectbox(key="task").value == "digits-mlp" and at.selectbox(key="kind").value == "naive"
+    assert at.number_input(key="I").value == 1 and at.selectbox(key="method").value == "trak"  # defaults instead
+    at.run()
+    assert not at.warning or "This link carries" not in texts(at.warning)  # said once, not on every rerun
+
+
+def test_a_click_on_a_point_opens_its_setting_unless_it_is_above_the_ceilings(app_store):
+    from app_pages.ui.state import select_setting
+    from tda_core.errors import UserError
+    from tda_core.settings import values_from_row
+
+    row = read_reference(digits_reference()).iloc[0].to_dict()
+    with pytest.raises(UserError, match=r"I=80 is outside what the app runs"):
+        select_setting(values_from_row(row | {"I": 80}))  # refused before touching the session
+
+
+def test_browser_shows_how_members_rank_the_proponents(app_store):
+    from tda_core.teaching import growth_summary
+
+    at = open_page("browse", test_pos=5, browse_k=4)
+    assert not at.exception, at.exception
+    assert "Why these proponents? What each member says" in [s.value for s in at.subheader]
+    strip = next(c for c in at.get("plotly_chart") if c.proto.id and "rank_strip" in c.proto.id)
+    cells = json.loads(strip.proto.spec)["data"][0]
+    members = member_attribution(get_task("digits-mlp"), TRAK, MAIN, store=app_store)
+    want = teaching_ranks(members, 5, 4)
+    assert cells["y"] == list(want.index) and [list(map(int, r)) for r in cells["text"]] == want.values.tolist()
+    summary = growth_summary(members, 5, 4)
+    shown = texts(at.markdown)
+    for n, shared, rho in summary.itertuples(index=False):
+        assert f"{n} member{'s' if n > 1 else ''}: **{shared} / 4** of the final list, Spearman {rho:.2f}" in shown
+    at.toggle(key="browse_diff").set_value(True).run()
+    assert sum(c.startswith("test − #") for c in captions(at)) == 8  # one per proponent and opponent
+
+
+def test_browser_computes_member_scores_in_the_background(app_store):
+    at = open_page("browse", kind="proj-seeds", P=2, test_pos=3, browse_k=3)  # scores stored, members not
+    assert not at.exception, at.exception
+    at.button(key="browse_members").click().run()
+    (job,) = [j for j in jobs.all_jobs(app_store) if j.title.startswith("Member scores")]
+    assert jobs.wait(app_store, job.job_id, TIMEOUT).status == "done"
+    at.run()
+    assert not at.exception, at.exception
+    assert "1 member: **" in texts(at.markdown) and "2 members: **3 / 3**" in texts(at.markdown)
+
+
+def test_build_shows_the_ground_truth_ceiling_beside_the_lds(app_store):
+    spec = EvalSpec(M=8, alpha=0.5, runs=2)
+    ground_truth(get_task("digits-mlp"), spec, store=app_store)
+    at = open_page("build", build_M=8, build_runs=2)
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    want = run(get_task("digits-mlp"), TRAK, MAIN, spec, store=app_store, device="cpu")
+    assert metrics["LDS"] == f"{want.lds:.3f} ± {want.lds_sem:.3f}"
+    assert metrics["Ground-truth ceiling"] == f"{want.ceiling.ceiling:.3f}" != "nan"
+    at = open_page("build")  # one run per subset: the ceiling is not measured, and the page says how to get it
+    assert {m.label: m.value for m in at.metric}["Ground-truth ceiling"] == "unknown"
+    assert "set R = 2 or more" in texts(at.caption)
+
+
+def test_build_runs_in_the_background_and_can_be_cancelled(app_store):
+    at = open_page("build", kind="naive", I=1, seed=31)  # nothing stored for this seed
+    at.button(key="build_run").click().run()
+    assert not at.exception, at.exception
+    (job,) = [j for j in jobs.active_jobs(app_store) if "naive I=1" in j.title]
+    cancel = next(b for b in at.button if b.key and b.key.startswith(f"cancel-{job.job_id}-main"))
+    cancel.click().run()
+    assert jobs.status(app_store, job.job_id).status == "cancelled"
+    assert "was cancelled" in texts(at.info) and "Run" in [b.label for b in at.button]
+
+
+def test_lds_cost_for_a_task_without_results_says_where_to_look(tiny_task):
+    at = open_page("lds_cost", task="cifar2-mlp")
+    assert not at.exception, at.exception
+    assert "No results for cifar2-mlp yet, and no reference results are committed for it" in texts(at.info)
+    assert "pick chorales-mt, digits-mlp, mnist-mlp in the sidebar" in texts(at.info)

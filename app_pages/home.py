@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.ui.cached import cached_device
-from pages.ui.present import results_display, store_overview
-from pages.ui.state import current_setting
+from app_pages.ui.cached import cached_device
+from app_pages.ui.present import results_display, store_overview
+from app_pages.ui.state import current_setting
 from tda_core.data import dataset_table
 from tda_core.results import results_frame
 from tda_core.store import Store
@@ -26,13 +26,15 @@ st.info(f"Current setting (edit it in the sidebar, it follows you across pages):
 st.subheader("Pages")
 cols = st.columns(4)
 PAGE_TEXT = [
-    ("pages/build.py", "Build & attribute", ":material/construction:",
-     "See the work a setting implies, run it with progress, then read its LDS and costs."),
-    ("pages/browse.py", "Attribution browser", ":material/image_search:",
-     "Pick a test example, see its proponents and opponents, compare two settings, or go in reverse."),
-    ("pages/lds_cost.py", "LDS vs cost", ":material/scatter_plot:",
-     "Every stored result: attribution quality against training, serving or space cost, with the frontier."),
-    ("pages/learn.py", "Learn", ":material/school:",
+    ("app_pages/build.py", "Build & attribute", ":material/construction:",
+     "See the work a setting implies, run it in the background, then read its LDS, ceiling and costs."),
+    ("app_pages/browse.py", "Attribution browser", ":material/image_search:",
+     "Pick a test example, see its proponents and opponents and what each member says, compare two "
+     "settings, or go in reverse."),
+    ("app_pages/lds_cost.py", "LDS vs cost", ":material/scatter_plot:",
+     "Attribution quality against training, serving or space cost: your results beside the project's "
+     "measured reference results. Start here."),
+    ("app_pages/learn.py", "Learn", ":material/school:",
      "Live small examples on digits: gradient similarity, ensembles, Dropout/LoRA members, LDS."),
 ]
 for col, (path, title, icon, text) in zip(cols, PAGE_TEXT):
@@ -49,7 +51,8 @@ with left:
     st.caption(f"`{store.root}` (set `TDA_STORE` to use another)")
     overview = store_overview(store)
     if overview.empty:
-        st.info("Nothing computed yet. Open **Build & attribute** to run the current setting.")
+        st.info("Nothing computed yet. **Next step:** open **LDS vs cost** to see the project's measured results, "
+                "or **Build & attribute** to run the current setting.")
     else:
         st.dataframe(overview, hide_index=True, width="stretch")
 with right:

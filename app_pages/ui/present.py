@@ -127,10 +127,50 @@ def counterfactual_view(result: Counterfactual) -> tuple[pd.DataFrame, str]:
 
 
 def results_display(frame: pd.DataFrame) -> pd.DataFrame:
-    """The results table for people: setting columns first, LDS and costs rounded, bytes readable."""
+    """The results table for people: setting columns first, LDS with its spreads and the ground truth's ceiling,
+    costs rounded, bytes readable, best LDS first (a `row_id` column is kept for selections)."""
     out = frame.drop(columns=["setting", "series", "budget", "setting_key"], errors="ignore")
-    out = out.round({"lds": 3, "lds_sem": 3, "lds_validation": 3, "train_s": 2, "serve_s": 2})
+    out = out.round({"lds": 3, "lds_sem": 3, "lds_rep_se": 3, "ceiling": 3, "reliability": 3, "lds_validation": 3,
+                     "train_s": 2, "serve_s": 2})
+    if "ceiling" in out:  # beside the LDS it bounds
+        beside = "lds_sem" if "lds_sem" in out else "lds"
+        ceiling = out.pop("ceiling")
+        out.insert(out.columns.get_loc(beside) + 1, "ceiling", ceiling)
     if "space_bytes" in out:
         out.insert(out.columns.get_loc("space_bytes"), "space", out["space_bytes"].map(human_bytes))
         out = out.drop(columns=["space_bytes"])
+    if "source" in out:  # own results or which reference file: first
+        out.insert(0, "source", out.pop("source"))
     return out.sort_values("lds", ascending=False)
+
+
+def difference_image(difference: np.ndarray, size: int = 84) -> np.ndarray:
+    """A signed pixel difference in [-1, 1] as a crisp RGB thumbnail: red where the test example is brighter, blue
+    where the training example is, white where they agree."""
+    d = np.clip(np.asarray(difference, dtype=np.float64), -1.0, 1.0)
+    rgb = np.stack([1.0 - np.clip(-d, 0.0, 1.0), 1.0 - np.abs(d), 1.0 - np.clip(d, 0.0, 1.0)], axis=-1)
+    return thumbnail((255 * rgb).round().astype(np.uint8), size)
+
+
+def rank_strip(ranks: pd.DataFrame, column_labels: list[str], n_train: int):  # noqa: ANN201 - plotly Figure
+    """Members (rows) by the ensemble's top proponents (columns): each cell the member's own rank of that training
+    example, dark = high in that member's list too (colour on a log scale up to the training-set size)."""
+    import plotly.graph_objects as go
+
+    values = ranks.to_numpy()
+    fig = go.Figure(go.Heatmap(
+        z=np.log10(values).tolist(), x=column_labels, y=list(ranks.index), text=values.tolist(), texttemplate="%{text}",
+        colorscale="Blues_r", zmin=0.0, zmax=float(np.log10(max(n_train, 10))), showscale=False, xgap=2, ygap=2,
+        hovertemplate="%{y}<br>ensemble's %{x}: this member ranks it %{text}<extra></extra>"))
+    fig.update_layout(height=70 + 24 * len(values), margin=dict(l=10, r=10, t=10, b=40), template="plotly_white",
+                      yaxis=dict(autorange="reversed", tickfont=dict(size=11)), xaxis=dict(tickfont=dict(size=11)))
+    return fig
+
+
+def comparison_metrics(cmp) -> list[tuple[str, str, str]]:  # noqa: ANN001 - a tda_core.comparison.PairedComparison
+    """(label, value, help) triples of a paired LDS comparison for `st.metric`."""
+    return [("LDS of A", f"{cmp.lds_a:.3f}", cmp.label_a), ("LDS of B", f"{cmp.lds_b:.3f}", cmp.label_b),
+            ("A − B", f"{cmp.difference:+.3f}",
+             f"{cmp.level:.0%} paired bootstrap interval over {cmp.n} test examples ({cmp.resamples} resamples)"),
+            (f"{cmp.level:.0%} interval", f"[{cmp.low:+.3f}, {cmp.high:+.3f}]", "contains 0: no detectable difference"),
+            ("Verdict", cmp.verdict, "A better / B better when the interval excludes 0")]
