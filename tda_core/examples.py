@@ -26,6 +26,23 @@ def example_table(dataset: Dataset, predictions: np.ndarray | torch.Tensor | Non
     return frame
 
 
+def feature_preview(dataset: Dataset, split: str, positions: list[int], n_values: int = 8) -> pd.DataFrame:
+    """Examples of a dataset without a picture or a sound (your own feature vectors): position, label and the
+    first `n_values` input values, one row each (for the app's galleries)."""
+    x, y, _ = dataset.split(split)
+    rows = []
+    for p in positions:
+        values = x[int(p)].flatten()
+        row = {"position": int(p)}
+        if y.dim() == 1:
+            row["label"] = dataset.class_names[int(y[int(p)])] if dataset.class_names else int(y[int(p)])
+        row |= {f"x[{i}]": round(float(v), 4) for i, v in enumerate(values[:n_values])}
+        if len(values) > n_values:
+            row["values"] = f"{len(values)} in all"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def filter_tests(table: pd.DataFrame, labels: list[str] | None = None, correctness: str = "all") -> pd.DataFrame:
     """Rows of `example_table` with a label in `labels` (None = any) and correctness 'all' / 'correct' / 'wrong'."""
     out = table

@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from tda_core import jobs, tasks
 from tda_core.attribution import attribute, member_attribution
+from tda_core.data import load_dataset
 from tda_core.evaluation import ground_truth, lds_against
 from tda_core.experiments import compare_stored, run
 from tda_core.reference import read_reference, reference_files
@@ -458,3 +459,36 @@ def test_lds_cost_for_a_task_without_results_says_where_to_look(tiny_task):
     assert not at.exception, at.exception
     assert "No results for cifar2-mlp yet, and no reference results are committed for it" in texts(at.info)
     assert "pick chorales-mt, digits-mlp, mnist-mlp in the sidebar" in texts(at.info)
+
+
+def test_browser_shows_feature_vectors_of_your_own_task(user_registries, tmp_path, monkeypatch):
+    """A task registered with plain feature vectors (no picture, no sound) is browsed as rows of values."""
+    from tda_core.examples import feature_preview
+    from tda_core.user_tasks import load_user_tasks
+
+    tasks_file = tmp_path / "my_tasks.py"
+    tasks_file.write_text("from sklearn.datasets import load_digits\nfrom torch import nn\n"
+                          "from tda_core import Recipe, register_task\n"
+                          "x, y = load_digits(return_X_y=True)\n"
+                          "register_task('digit-vectors', lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 32), "
+                          "nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 10)), x[:300], y[:300], x[1500:1560], "
+                          "y[1500:1560], Recipe(epochs=2, batch_size=64, lr=0.01))\n")
+    store = Store(tmp_path / "store")
+    monkeypatch.setenv("TDA_STORE", str(store.root))
+    monkeypatch.setenv("TDA_TASKS_FILE", str(tasks_file))
+    load_user_tasks()
+    task = get_task("digit-vectors")
+    attribute(task, TRAK, OTHER, store=store)
+    dataset = load_dataset(task.dataset)
+    assert dataset.kind == "features"
+    preview = feature_preview(dataset, "train", [0, 7])
+    assert list(preview["position"]) == [0, 7] and preview["values"].tolist() == ["64 in all"] * 2
+    assert preview["x[3]"].tolist() == [float(dataset.x_train[0].flatten()[3]), float(dataset.x_train[7].flatten()[3])]
+
+    at = open_page("browse", task="digit-vectors", kind="naive", I=1)
+    assert not at.exception, at.exception
+    test_pos = int(at.session_state["test_pos"]) if "test_pos" in at.session_state else 0
+    top = attribute(task, TRAK, OTHER, store=store).scores[:, test_pos].argmax().item()
+    shown = [d.value for d in at.dataframe if "x[0]" in d.value]
+    assert shown[0]["position"].tolist() == [test_pos]  # the test example, then its proponents and opponents
+    assert top in set(shown[1]["position"])

@@ -12,6 +12,7 @@ from tda_core import jobs
 from tda_core.attribution import Attribution, scores_stored
 from tda_core.data import Dataset
 from tda_core.data.snippets import audio_renderer
+from tda_core.examples import feature_preview
 from tda_core.jobs import JobSpec, JobStatus
 from tda_core.settings import Setting
 from tda_core.store import Store
@@ -128,6 +129,10 @@ def show_examples(dataset: Dataset, split: str, positions: list[int], captions: 
         return
     if dataset.kind == "image":
         st.image(thumbnails(dataset, split, positions, size), caption=captions, width=size, output_format="PNG")
+        return
+    if dataset.kind != "music":  # feature vectors: no picture or sound, their first values as a table
+        st.dataframe(feature_preview(dataset, split, positions).assign(example=captions), hide_index=True,
+                     width="stretch")
         return
     per_row = per_row or 2
     if notice := audio_renderer().notice:  # the piano could not load: say so once above the players
