@@ -72,7 +72,7 @@ def open_page(page: str | None = None, **state) -> AppTest:
     for key, value in {**STATE, **state}.items():
         at.session_state[key] = value
     if page:
-        at.switch_page(f"app_pages/{page}.py")
+        at.switch_page(f"pages/{page}.py")
     return at.run()
 
 
@@ -376,7 +376,7 @@ def test_a_link_with_unusable_values_is_a_message_not_an_exception(app_store, pa
     at.query_params.update({"task": "digits-mlp", "kind": "naive", "I": "-3", "D": "100000", "method": "garbage",
                             "seed": "x"})
     if page:
-        at.switch_page(f"app_pages/{page}.py")
+        at.switch_page(f"pages/{page}.py")
     at.run()
     assert not at.exception, at.exception
     warning = texts(at.warning)
@@ -390,7 +390,7 @@ def test_a_link_with_unusable_values_is_a_message_not_an_exception(app_store, pa
 
 
 def test_a_click_on_a_point_opens_its_setting_unless_it_is_above_the_ceilings(app_store):
-    from app_pages.ui.state import select_setting
+    from pages.ui.state import select_setting
     from tda_core.errors import UserError
     from tda_core.settings import values_from_row
 

@@ -85,9 +85,18 @@ def query(page) -> dict[str, str]:
 
 def test_a_first_visit_sees_the_reference_results(served):
     base, store, browser = served
-    page = open_page(browser, f"{base}/lds_cost")  # the very first request of the server, on an empty store
+    page = open_page(browser, f"{base}/lds_cost?I=2")  # the very first request of the server, on an empty store
     assert not store.read_table("results").shape[0]
     assert not screenshots.errors_on(page)
+    # A fresh server with a pages/ folder starts in Streamlit's old-style multipage mode, which runs
+    # pages/lds_cost.py by itself: the page still opens inside app.py, with its navigation and sidebar holding the
+    # link's setting, and no "Page not found".
+    nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+    assert all(title in nav for title in ("Home", "Build & attribute", "Attribution browser", "LDS vs cost")), nav
+    assert sidebar_setting(page)["budgets"] == "2,5"
+    assert urlparse(page.url).path == "/lds_cost" and query(page) == {"I": "2"}
+    assert page.get_by_role("heading", name="LDS vs cost").is_visible()
+    assert page.get_by_text("Page not found").count() == 0
     page.locator(".js-plotly-plot .legend text.legendtext").first.wait_for(timeout=TIMEOUT * 1000)  # plotly draws late
     legend = " ".join(t.text_content() for t in page.locator(".js-plotly-plot .legend text.legendtext").all())
     assert "reference: 2-core CPU, current Kronecker projection" in legend

@@ -10,17 +10,20 @@ import dataclasses
 
 import streamlit as st
 
-from app_pages.ui.cached import (cached_dataset, cached_members, cached_predictions, cached_run,
+from pages.ui.cached import (cached_dataset, cached_members, cached_predictions, cached_run,
                              has_ground_truth, has_members)
-from app_pages.ui.present import (caption, comparison_metrics, describe_example, difference_image, example_label,
+from pages.ui.present import (caption, comparison_metrics, describe_example, difference_image, example_label,
                               kind_label, rank_strip)
-from app_pages.ui.state import URL, current_setting, friendly_errors, sync_url
-from app_pages.ui.widgets import gallery, job_panel, obtain_attribution, show_examples, start_job
+from pages.ui.routing import run_inside_app
+from pages.ui.state import URL, current_setting, friendly_errors, sync_url
+from pages.ui.widgets import gallery, job_panel, obtain_attribution, show_examples, start_job
 from tda_core import examples, jobs, score_analysis, teaching
 from tda_core.ensembles import ENSEMBLES
 from tda_core.experiments import compare_results
 from tda_core.settings import LIMITS
 from tda_core.specs import EnsembleSpec, EvalSpec
+
+run_inside_app()  # before drawing anything: see pages/ui/routing.py
 
 TABS = ("Proponents & opponents", "Compare two settings", "Reverse view")
 EVAL = EvalSpec()  # the ground truth the paired comparison uses (Build's default)

@@ -6,17 +6,20 @@ import math
 
 import streamlit as st
 
-from app_pages.ui.cached import cached_attribution, cached_run, has_ground_truth, plan_setting
-from app_pages.ui.present import breakdown_table, human_bytes, plan_summary, seconds_per_model
-from app_pages.ui.scaling import executor_note
-from app_pages.ui.state import current_setting, friendly_errors
-from app_pages.ui.widgets import attribution_job, is_ready, job_panel, start_job
+from pages.ui.cached import cached_attribution, cached_run, has_ground_truth, plan_setting
+from pages.ui.present import breakdown_table, human_bytes, plan_summary, seconds_per_model
+from pages.ui.routing import run_inside_app
+from pages.ui.scaling import executor_note
+from pages.ui.state import current_setting, friendly_errors
+from pages.ui.widgets import attribution_job, is_ready, job_panel, start_job
 from tda_core import jobs
 from tda_core.evaluation import DEFAULT_CHUNK
 from tda_core.results import append_results, is_recorded
 from tda_core.settings import LIMITS
 from tda_core.specs import EvalSpec
 from tda_core.store import Store
+
+run_inside_app()  # before drawing anything: see pages/ui/routing.py
 
 st.title("Build & attribute")
 setting = current_setting()

@@ -6,15 +6,18 @@ from pathlib import Path
 import plotly.express as px
 import streamlit as st
 
-from app_pages.ui.cached import (all_stored, cached_agreement, cached_attribution_of, cached_dataset,
+from pages.ui.cached import (all_stored, cached_agreement, cached_attribution_of, cached_dataset,
                              cached_ground_truth, cached_ladder, cached_members, has_ground_truth, has_members)
-from app_pages.ui.present import caption, counterfactual_view, describe_example
-from app_pages.ui.state import friendly_errors
-from app_pages.ui.widgets import StreamlitProgress, job_panel, show_examples, start_job
+from pages.ui.present import caption, counterfactual_view, describe_example
+from pages.ui.routing import run_inside_app
+from pages.ui.state import friendly_errors
+from pages.ui.widgets import StreamlitProgress, job_panel, show_examples, start_job
 from tda_core import jobs, score_analysis
 from tda_core.evaluation import counterfactual
 from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec
 from tda_core.tasks import get_task
+
+run_inside_app()  # before drawing anything: see pages/ui/routing.py
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TASK = get_task("digits-mlp")

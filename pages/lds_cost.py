@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages.ui.cached import cached_references
-from app_pages.ui.present import comparison_metrics, method_label, projection_label, results_display
-from app_pages.ui.scaling import executor_note
-from app_pages.ui.state import current_setting, friendly_errors, select_setting
-from app_pages.ui.widgets import job_panel, start_job
+from pages.ui.cached import cached_references
+from pages.ui.present import comparison_metrics, method_label, projection_label, results_display
+from pages.ui.routing import run_inside_app
+from pages.ui.scaling import executor_note
+from pages.ui.state import current_setting, friendly_errors, select_setting
+from pages.ui.widgets import job_panel, start_job
 from tda_core import jobs
 from tda_core.errors import UserError
 from tda_core.experiments import GRIDS, plan_sweep, sweep_settings
@@ -19,6 +20,8 @@ from tda_core.results import COST_LABELS, filter_results, lds_cost_figure, resul
 from tda_core.settings import LIMITS, values_from_row
 from tda_core.specs import EvalSpec
 from tda_core.store import Store
+
+run_inside_app()  # before drawing anything: see pages/ui/routing.py
 
 st.title("LDS vs cost")
 st.markdown("Each point is one setting: its attribution quality (LDS, higher is better) against what it cost. "
@@ -126,8 +129,8 @@ elif picked:
         st.markdown(f":material/ads_click: **{picked['setting']}** ({picked['task']}) · LDS {picked['lds']:.3f} · "
                     f"{picked[SOURCE]} — now the sidebar's setting")
         links = st.columns(2)
-        links[0].page_link("app_pages/build.py", label="Open in Build & attribute", icon=":material/construction:")
-        links[1].page_link("app_pages/browse.py", label="Browse its attributions", icon=":material/image_search:")
+        links[0].page_link("pages/build.py", label="Open in Build & attribute", icon=":material/construction:")
+        links[1].page_link("pages/browse.py", label="Browse its attributions", icon=":material/image_search:")
 for file in files:
     if file.source in chosen_sources and show_reference:
         st.caption(f"Reference: {file.describe()}")

@@ -1,8 +1,8 @@
 """Page revisit times of the explorer: every page opened twice in one app session (Streamlit's AppTest, the
 server-side script run a browser waits for), on a store that holds what each page shows.
 
-    python -m benchmarks.bench_app_pages                      # fills ~/.cache/tda-explorer/bench-app-store first
-    python -m benchmarks.bench_app_pages --store PATH --repeats 5
+    python -m benchmarks.bench_pages                      # fills ~/.cache/tda-explorer/bench-app-store first
+    python -m benchmarks.bench_pages --store PATH --repeats 5
 
 The store is filled once through the core (digits-mlp: a Dropout I = 1, D = 5 attribution with its members'
 scores, a naive I = 2 one for the comparison tab, the M = 50 ground truth, three results rows and the Learn
@@ -48,7 +48,7 @@ def fill(store_root: str) -> None:
     from streamlit.testing.v1 import AppTest
 
     learn = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)  # the Learn page starts its own examples
-    learn.switch_page("app_pages/learn.py").run()
+    learn.switch_page("pages/learn.py").run()
     if any(b.key == "learn_start" for b in learn.button):
         learn.button(key="learn_start").click().run()
         for status in jobs.active_jobs(store):
@@ -64,7 +64,7 @@ def time_views(repeats: int) -> list[tuple[str, float, float]]:
         for key, value in {**STATE, **extra}.items():
             at.session_state[key] = value
         if page:
-            at.switch_page(f"app_pages/{page}.py")
+            at.switch_page(f"pages/{page}.py")
         t0 = time.perf_counter()
         at.run()
         first = time.perf_counter() - t0

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages.ui.cached import cached_device
-from app_pages.ui.present import results_display, store_overview
-from app_pages.ui.state import current_setting
+from pages.ui.cached import cached_device
+from pages.ui.present import results_display, store_overview
+from pages.ui.routing import run_inside_app
+from pages.ui.state import current_setting
 from tda_core.data import dataset_table
 from tda_core.results import results_frame
 from tda_core.store import Store
+
+run_inside_app()  # before drawing anything: see pages/ui/routing.py
 
 st.title("Ensemble TDA Explorer")
 st.markdown(
@@ -26,15 +29,15 @@ st.info(f"Current setting (edit it in the sidebar, it follows you across pages):
 st.subheader("Pages")
 cols = st.columns(4)
 PAGE_TEXT = [
-    ("app_pages/build.py", "Build & attribute", ":material/construction:",
+    ("pages/build.py", "Build & attribute", ":material/construction:",
      "See the work a setting implies, run it in the background, then read its LDS, ceiling and costs."),
-    ("app_pages/browse.py", "Attribution browser", ":material/image_search:",
+    ("pages/browse.py", "Attribution browser", ":material/image_search:",
      "Pick a test example, see its proponents and opponents and what each member says, compare two "
      "settings, or go in reverse."),
-    ("app_pages/lds_cost.py", "LDS vs cost", ":material/scatter_plot:",
+    ("pages/lds_cost.py", "LDS vs cost", ":material/scatter_plot:",
      "Attribution quality against training, serving or space cost: your results beside the project's "
      "measured reference results. Start here."),
-    ("app_pages/learn.py", "Learn", ":material/school:",
+    ("pages/learn.py", "Learn", ":material/school:",
      "Live small examples on digits: gradient similarity, ensembles, Dropout/LoRA members, LDS."),
 ]
 for col, (path, title, icon, text) in zip(cols, PAGE_TEXT):
