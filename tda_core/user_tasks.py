@@ -140,7 +140,7 @@ def _check_model(task: TaskSpec, dataset: Dataset, n_classes: int) -> None:
                    dataset.class_names, dataset.source)
     try:
         train_many(dataclasses.replace(task, recipe=dataclasses.replace(task.recipe, epochs=1, batch_size=2)),
-                   tiny, [0], device="cpu")
+                   tiny, [0, 1], device="cpu")  # two models: the batched (vmap) path ground truths take
         compute_features(GradientSource(model, all_param_names(model), False), x, y)  # exact gradients
     except UserError:
         raise

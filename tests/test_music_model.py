@@ -143,4 +143,6 @@ def test_cpu_recipe_beats_unigram_on_a_few_chorales(store):
     task = get_task("chorales-mt")
     model = train(task, ds, 0, device="cpu")
     loss = evaluate(model, ds.x_test, ds.y_test, True)["loss"]
-    assert loss < music.unigram_loss(ds) - 0.3  # measured 3.58 vs 4.15
+    # test windows come from held-out pieces (30% of the 30); measured 3.91 vs 4.21 (3.58 vs 4.15 when test windows
+    # were cut from the training pieces)
+    assert loss < music.unigram_loss(ds) - 0.2

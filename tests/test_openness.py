@@ -98,8 +98,9 @@ def test_attributor_equals_attribute_and_ranks_top_k(store, tmp_path):
     assert torch.equal(got.train_index, ref.train_index) and torch.equal(got.test_index, ref.test_index)
 
     top = att.top_k(3, k=4)
-    column = att.attribute([3]).scores[:, 0]  # one column: equal to ref's up to float rounding of the solve
-    torch.testing.assert_close(column, ref.scores[:, 1], rtol=1e-5, atol=1e-9)
+    column = att.attribute([3]).scores[:, 0]  # one column: equal to ref's up to the rounding of the bfloat16 score
+    # products (float32 sums) on a CPU, which group the columns differently
+    torch.testing.assert_close(column, ref.scores[:, 1], rtol=1e-2, atol=1e-3 * float(ref.scores[:, 1].abs().max()))
     best = torch.argsort(column, descending=True)[:4]
     assert top["train_position"].tolist() == best.tolist()
     assert top["source_index"].tolist() == ref.train_index[best].tolist()

@@ -219,11 +219,14 @@ def _names(valid: tuple[str, ...]) -> st.SearchStrategy:
 def test_specs_either_validate_or_say_what_is_wrong(data):
     """Any value of each field's type: a UserError, or a spec whose values are usable."""
     from tda_core import specs
+    from tda_core.ensembles import ENSEMBLES
+    from tda_core.methods import METHODS, hessians
+    from tda_core.projections import PROJECTIONS
 
     kind = data.draw(st.sampled_from(["ensemble", "method", "eval", "recipe"]))
     try:
         if kind == "ensemble":
-            spec = specs.EnsembleSpec(kind=data.draw(_names(specs.ENSEMBLE_KINDS)), I=data.draw(_ints()),
+            spec = specs.EnsembleSpec(kind=data.draw(_names(ENSEMBLES.names())), I=data.draw(_ints()),
                                       D=data.draw(_ints()), L=data.draw(_ints()), P=data.draw(_ints()),
                                       dropout_p=data.draw(st.none() | _reals()), masks=data.draw(_names(
                                           specs.MASK_MODES)), lora_rank=data.draw(_ints()),
@@ -234,9 +237,9 @@ def test_specs_either_validate_or_say_what_is_wrong(data):
             assert all(1 <= getattr(spec, f) <= c for f, c in ceiling.items()) and spec.lora_epochs >= 0
             assert spec.dropout_p is None or 0 <= spec.dropout_p < 1
         elif kind == "method":
-            spec = specs.MethodSpec(name=data.draw(_names(specs.METHODS)), proj=data.draw(_names(specs.PROJECTIONS)),
+            spec = specs.MethodSpec(name=data.draw(_names(METHODS.names())), proj=data.draw(_names(PROJECTIONS.names())),
                                     proj_dim=data.draw(_ints()), damping=data.draw(st.none() | _reals()),
-                                    hessian=data.draw(_names(specs.HESSIANS)),
+                                    hessian=data.draw(_names(hessians())),
                                     proj_dtype=data.draw(_names(specs.PROJ_DTYPES)))
             assert spec.proj_dim >= 1 and (spec.damping is None or 0 <= spec.damping < math.inf)
         elif kind == "eval":

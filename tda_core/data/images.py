@@ -43,16 +43,17 @@ def _locate_mnist(root: Path) -> SourceStatus:
 MNIST_FIX = "delete MNIST/raw and run `python -m tda_core datasets --download mnist` (or put intact idx files there)"
 
 
-def _read_idx(reader, path: Path, ndim: int) -> torch.Tensor:  # noqa: ANN001 - a torchvision idx reader
-    """An MNIST idx file through torchvision's reader; a damaged file raises UserError naming it."""
+def _read_idx(reader, path: Path, ndim: int, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001 - torchvision's
+    """An MNIST idx file through torchvision's reader (which checks the stored type is uint8 and returns images as
+    uint8, labels widened to int64); a damaged file raises UserError naming it."""
     try:
         tensor = reader(str(path))
     except OSError:
         raise
     except Exception as exc:  # noqa: BLE001 - torchvision asserts and raises many kinds on damaged bytes
         raise _damaged(path, f"{type(exc).__name__}: {str(exc)[:120]}", MNIST_FIX) from None
-    if tensor.ndim != ndim or tensor.dtype != torch.uint8:
-        raise _damaged(path, f"{tensor.ndim}-d {tensor.dtype}; expected {ndim}-d uint8", MNIST_FIX)
+    if tensor.ndim != ndim or tensor.dtype != dtype:
+        raise _damaged(path, f"{tensor.ndim}-d {tensor.dtype}; expected {ndim}-d {dtype}", MNIST_FIX)
     return tensor
 
 
@@ -68,8 +69,8 @@ def _load_mnist(root: Path, download: bool) -> Dataset:
         raw = _mnist_raw(root)
         parts = []
         for prefix, n_wanted in zip(("train", "t10k"), MNIST_SIZES):
-            images = _read_idx(read_image_file, raw / f"{prefix}-images-idx3-ubyte", 3)
-            labels = _read_idx(read_label_file, raw / f"{prefix}-labels-idx1-ubyte", 1)
+            images = _read_idx(read_image_file, raw / f"{prefix}-images-idx3-ubyte", 3, torch.uint8)
+            labels = _read_idx(read_label_file, raw / f"{prefix}-labels-idx1-ubyte", 1, torch.int64)
             if images.shape[1:] != (28, 28) or len(images) != len(labels) or not ((labels >= 0) & (labels < 10)).all():
                 raise _damaged(raw / f"{prefix}-images-idx3-ubyte", f"images {tuple(images.shape)}, labels "
                                f"{tuple(labels.shape)}; expected [N, 28, 28] and [N] in 0..9", MNIST_FIX)
