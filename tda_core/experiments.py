@@ -300,11 +300,24 @@ def _chorales_grid() -> list[EnsembleSpec]:
     return out
 
 
-GRIDS = {"paper": _paper_grid, "readme": _readme_grid, "small": _small_grid, "chorales": _chorales_grid}
+def _resnet_grid() -> list[EnsembleSpec]:
+    """The convolutional ladder (docs/results_mnist_resnet9_cpu.md): naive I = 1, 2, 5; Dropout I = 1, D = 5 / 10
+    and I = 2, D = 5; LoRA I = 1, L = 5; the projection-seed controls of those members (P = 5, 10 at I = 1;
+    P = 5 at I = 2)."""
+    out = [EnsembleSpec("naive", I=i) for i in (1, 2, 5)]
+    out += [EnsembleSpec("dropout", I=1, D=5), EnsembleSpec("dropout", I=1, D=10), EnsembleSpec("dropout", I=2, D=5)]
+    out += [EnsembleSpec("lora", I=1, L=5)]
+    out += [EnsembleSpec("proj-seeds", I=1, P=5), EnsembleSpec("proj-seeds", I=1, P=10),
+            EnsembleSpec("proj-seeds", I=2, P=5)]
+    return out
+
+
+GRIDS = {"paper": _paper_grid, "readme": _readme_grid, "small": _small_grid, "chorales": _chorales_grid,
+         "resnet": _resnet_grid}
 
 
 def grid_settings(name: str) -> list[EnsembleSpec]:
-    """The ensemble settings of a named grid (`paper`, `readme`, `small`, `chorales`)."""
+    """The ensemble settings of a named grid (`paper`, `readme`, `small`, `chorales`, `resnet`)."""
     if name not in GRIDS:
         raise unknown_choice("grid", name, sorted(GRIDS))
     return GRIDS[name]()

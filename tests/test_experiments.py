@@ -67,8 +67,18 @@ def test_paper_grid_has_the_research_settings_and_the_controls():
     assert len(pairs) == 4 * len(grid)
     assert {m.proj for m, _ in pairs} == {"dense", "kron"}
     assert all(m.damping is None for m, _ in pairs)  # TRAK tunes c; Grad-Dot has none
-    with pytest.raises(UserError, match="valid choices: chorales, paper, readme, small"):
+    with pytest.raises(UserError, match="valid choices: chorales, paper, readme, resnet, small"):
         grid_settings("huge")
+
+
+def test_resnet_grid_is_the_convolutional_ladder_with_its_controls():
+    grid = {(e.kind, e.I, e.D, e.L, e.P) for e in grid_settings("resnet")}
+    assert grid == {("naive", 1, 1, 1, 1), ("naive", 2, 1, 1, 1), ("naive", 5, 1, 1, 1),
+                    ("dropout", 1, 5, 1, 1), ("dropout", 1, 10, 1, 1), ("dropout", 2, 5, 1, 1),
+                    ("lora", 1, 1, 5, 1),
+                    ("proj-seeds", 1, 1, 1, 5), ("proj-seeds", 1, 1, 1, 10), ("proj-seeds", 2, 1, 1, 5)}
+    assert len(grid_settings("resnet")) == len(grid)
+    assert not any(e.shared_projection for e in grid_settings("resnet"))
 
 
 def test_run_tunes_damping_on_the_validation_split_and_scores_the_rest(tiny, store):
