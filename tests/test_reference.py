@@ -26,7 +26,7 @@ def test_the_manifest_lists_readable_files_with_where_when_and_how():
         assert len(rows) == (raw["task"] == file.task).sum() > 0
         assert file.when and file.where and file.command.startswith("python -m tda_core ")
         np.testing.assert_allclose(rows["lds"].to_numpy(), raw.loc[raw["task"] == file.task, "lds"].to_numpy())
-    assert reference_files("mnist-mlp")[0].path == "docs/results_mnist_cpu_kron.csv"  # the default: current code
+    assert reference_files("mnist-mlp")[0].path == "docs/results_mnist_cpu_readme.csv"  # the default: current code
 
 
 def test_files_of_older_code_read_with_missing_columns(tmp_path):
