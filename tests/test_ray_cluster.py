@@ -13,6 +13,8 @@ from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec
 from tda_core.store import Store
 from tda_core.tasks import get_task
 
+from test_ray import assert_same_up_to_batching  # noqa: E402
+
 DIGITS = get_task("digits-mlp")
 KRON = MethodSpec("trak", "kron", proj_dim=64)
 
@@ -40,10 +42,10 @@ def test_without_a_shared_filesystem_every_artifact_ends_in_the_drivers_store(tm
         ray.shutdown()
         cluster.shutdown()
     assert torch.allclose(truth.targets, local_truth.targets, rtol=0, atol=1e-6)
-    assert torch.allclose(result.scores, local.scores, rtol=1e-4, atol=1e-6)
+    assert_same_up_to_batching(result.scores, local.scores)
     written = [{(kind.name, p.stem) for kind in node.iterdir() for p in kind.glob("*.json")} if node.exists() else set()
                for node in nodes]
     assert all(written), "both nodes ran tasks"
-    kinds = ("checkpoints", "features", SUBSET_TARGETS_KIND)
+    kinds = ("checkpoints", "features", "test_features", SUBSET_TARGETS_KIND)
     assert set.union(*written) == {(kind, key) for kind in kinds for key in driver.keys(kind)}
-    assert [len(driver.keys(kind)) for kind in kinds] == [2, 4, 4] and driver.has(GROUND_TRUTH_KIND, truth.key)
+    assert [len(driver.keys(kind)) for kind in kinds] == [2, 4, 4, 4] and driver.has(GROUND_TRUTH_KIND, truth.key)
