@@ -29,7 +29,7 @@ import time
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from benchmarks.matmul_limit import limit_line, matmul_limits, rate
+from benchmarks.machine_limit import limit_line, matmul_limits, rate
 from tda_core.attribution import attribute
 from tda_core.data import load_dataset
 from tda_core.device import describe_device, resolve_device

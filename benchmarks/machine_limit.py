@@ -2,7 +2,7 @@
 
 `matmul_limits` times `torch.matmul` on square matrices in float32 and bfloat16 (the rate a dense kernel could
 reach here); `count_flops` counts the FLOPs a function does (torch's FlopCounterMode: matmuls and convolutions,
-forward and backward); `rate` formats achieved GFLOP/s beside the float32 limit; `time_breakdown` profiles a
+forward and backward); `rate` formats achieved GFLOP/s beside the limit in its precision; `time_breakdown` profiles a
 function and says where its time goes (matrix products, random numbers, optimizer, gathers, other tensor ops,
 Python and dispatch).
 """
@@ -66,10 +66,10 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def rate(flops: float, seconds: float, limits: dict[str, float]) -> str:
-    """'X GFLOP/s (Y% of the float32 matmul limit)'."""
-    gflops = flops / seconds / 1e9
-    return f"{gflops:,.1f} GFLOP/s ({100 * gflops / limits['float32']:.0f}% of float32 matmul)"
+def rate(flops: float, seconds: float, limits: dict[str, float], dtype: str = "float32") -> str:
+    """'X GFLOP/s (Y% of the <dtype> matmul limit)'."""
+    gflops = flops / max(seconds, 1e-12) / 1e9
+    return f"{gflops:,.1f} GFLOP/s ({100 * gflops / limits[dtype]:.0f}% of {dtype} matmul)"
 
 
 def time_breakdown(fn: Callable[[], object], flops: float, limits: dict[str, float]) -> list[str]:
