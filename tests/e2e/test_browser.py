@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +37,8 @@ import screenshots  # noqa: E402
 sys.path.remove(str(ROOT / "scripts"))
 
 from tda_core import jobs  # noqa: E402
+from tda_core.reference import reference_files  # noqa: E402
+from tda_core.settings import DEFAULT_TASK  # noqa: E402
 from tda_core.store import Store  # noqa: E402
 
 
@@ -99,8 +102,10 @@ def test_a_first_visit_sees_the_reference_results(served):
     assert page.get_by_text("Page not found").count() == 0
     page.locator(".js-plotly-plot .legend text.legendtext").first.wait_for(timeout=TIMEOUT * 1000)  # plotly draws late
     legend = " ".join(t.text_content() for t in page.locator(".js-plotly-plot .legend text.legendtext").all())
-    assert "reference: 2-core CPU, current Kronecker projection" in legend
-    assert page.locator(".js-plotly-plot .scatterlayer .points path").count() > 50  # the whole grid's points
+    default = reference_files(DEFAULT_TASK)[0]  # the task's first reference file is drawn by default
+    assert f"reference: {default.label}" in legend
+    rows = len(pd.read_csv(ROOT / default.path))
+    assert page.locator(".js-plotly-plot .scatterlayer .points path").count() >= rows  # every row is a point
     assert "No results" not in page.locator('[data-testid="stMain"]').inner_text()
     page.close()
 
