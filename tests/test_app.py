@@ -457,7 +457,7 @@ def test_lds_cost_for_a_task_without_results_says_where_to_look(tiny_task):
     at = open_page("lds_cost", task="cifar2-mlp")
     assert not at.exception, at.exception
     assert "No results for cifar2-mlp yet, and no reference results are committed for it" in texts(at.info)
-    assert "pick chorales-mt, digits-mlp, mnist-mlp in the sidebar" in texts(at.info)
+    assert "pick chorales-mt, digits-mlp, mnist-mlp, mnist-resnet9-cpu in the sidebar" in texts(at.info)
 
 
 def test_browser_shows_feature_vectors_of_your_own_task(user_registries, tmp_path, monkeypatch):
