@@ -8,7 +8,7 @@ pieces are never read until the chosen recipe's test loss is printed at the end.
   1. one epoch on the fit pieces is timed in CPU seconds (all threads of this process; unlike wall time, hardly
      changed by other processes sharing the cores), and from it the CPU seconds of one epoch of a ground-truth
      subset model (alpha = 0.5 of the full training set), scaled by window count;
-  2. the epochs allowed are those that keep the ground truth used by docs/results_chorales_ladder.md (M = 50 subsets,
+  2. the epochs allowed are those that keep the ground truth used by docs/results_chorales_cpu.md (M = 50 subsets,
      R = 2 runs: 100 models) within `--budget-core-s` CPU seconds (default 1800: 15 minutes of 2 cores; at most
      `--max-epochs`);
   3. a model trained on the fit pieces for that many epochs has its validation loss measured after every epoch.

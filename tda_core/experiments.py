@@ -291,7 +291,7 @@ CHORALES_LORA_EPOCHS = 3
 
 
 def _chorales_grid() -> list[EnsembleSpec]:
-    """The music ladder on 2 CPU cores (docs/results_chorales_ladder.md): naive I = 1, 2, 5; Dropout I = 1, D = 5;
+    """The music ladder on 2 CPU cores (docs/results_chorales_cpu.md): naive I = 1, 2, 5; Dropout I = 1, D = 5;
     LoRA I = 1, L = 5; the projection-seed control of those members (P = 5 at I = 1). 23 members, about a minute
     each with the full-coverage Kronecker projection on these 256-token windows."""
     out = [EnsembleSpec("naive", I=i) for i in (1, 2, 5)]
