@@ -481,7 +481,7 @@ def _idx(kind: str, n: int = 8) -> bytes:
 
 IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 IDX_DAMAGE = st.one_of(st.binary(max_size=256).map(lambda b: ("random bytes", lambda good: b)),
-                       st.integers(1, 200).map(lambda k: ("truncated", lambda good: good[:k])),
+                       st.integers(1, 200).map(lambda k: ("truncated", lambda good: good[:min(k, len(good) - 1)])),
                        st.just(("labels out of range", lambda good: good[:8] + bytes([200]) * (len(good) - 8))),
                        st.just(("other shape", lambda good: _idx("labels", 3) if b"\x08\x03" in good[:4]
                                 else _idx("images", 3))))
