@@ -186,13 +186,18 @@ class RayExecutor(Executor):
 
     def _result(self, ray: Any, ref: Any, task: Task) -> tuple[Any, list]:
         """A finished task's (value, what it wrote); its UserError re-raised as is, a dead worker as one line."""
-        from ray.exceptions import RayTaskError, WorkerCrashedError
+        from ray.exceptions import RaySystemError, RayTaskError, WorkerCrashedError
 
         try:
             return ray.get(ref)
         except RayTaskError as exc:
             if isinstance(exc.cause, UserError):
                 raise exc.cause from None
+            if isinstance(exc.cause, RaySystemError):  # e.g. a worker that cannot import tda_core
+                cause = str(exc.cause).strip().splitlines()[-1] if str(exc.cause).strip() else "system error"
+                raise UserError(f"Ray could not run {task.fn.__name__} on a worker ({cause}); every node needs "
+                                "this project importable: `pip install .` there, or run from the repository "
+                                "root") from None
             raise
         except WorkerCrashedError:
             raise UserError(f"a Ray worker died {self.max_retries + 1} times running {task.fn.__name__}; finished "
