@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,9 +57,14 @@ def ray_module(localhost: bool = False) -> Any:
 
 def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Start a Ray on this machine only (127.0.0.1, no dashboard) with `num_cpus` (default: all) cores."""
+    import tda_core
+
     ray = ray_module(localhost=True)
+    # workers import this project from where the driver found it, whatever their working directory
+    here = str(Path(tda_core.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
     ray.init(num_cpus=num_cpus or os.cpu_count() or 1, num_gpus=num_gpus, include_dashboard=False,
-             log_to_driver=False, logging_level=logging.ERROR)
+             log_to_driver=False, logging_level=logging.ERROR, runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 
 class RayExecutor(Executor):
