@@ -130,10 +130,17 @@ def _sweep_args(args: argparse.Namespace) -> dict:
             "replicates": args.replicates, "dampings": args.damping_grid}
 
 
+def _check_figure_path(path: str | None) -> None:
+    """A figure's file type, checked before any work."""
+    if path and Path(path).suffix not in FIGURE_SUFFIXES:
+        raise UserError(f"cannot write a figure to {Path(path).name!r}; use {', '.join(FIGURE_SUFFIXES)}")
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     task, spec, store = get_task(args.task), _eval_spec(args), Store(args.store)
     if args.x not in COST_LABELS:
         raise UserError(f"unknown x axis {args.x!r}; valid choices: {', '.join(COST_LABELS)}")
+    _check_figure_path(args.plot)
     a = _sweep_args(args)
     pairs = experiments.sweep_settings(a["methods"], args.grid, a["projections"], args.damping, template=a["template"])
     sp = experiments.plan_sweep(task, pairs, spec, store=store, device=args.device, replicates=args.replicates,
@@ -182,6 +189,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(paired.round(4).to_string(index=False))
 
 
+FIGURE_SUFFIXES = (".html", ".png", ".svg")
+
+
 def _write_figure(frame: pd.DataFrame, path: str, x: str) -> None:
     out = Path(path)
     fig = lds_cost_figure(frame, x, log_x=x in ("train_s", "serve_s", "space_bytes"))
@@ -195,7 +205,7 @@ def _write_figure(frame: pd.DataFrame, path: str, x: str) -> None:
             raise UserError(f"writing {out.suffix} needs kaleido==1.5.0 and a Chrome or Chromium ({exc}); "
                             "write .html instead") from None
     else:
-        raise UserError(f"cannot write a figure to {out.name!r}; use .html, .png or .svg")
+        _check_figure_path(path)
     print(f"figure written to {out}", file=sys.stderr)
 
 
@@ -240,6 +250,7 @@ def read_results_csv(path: str) -> pd.DataFrame:
 
 
 def cmd_results(args: argparse.Namespace) -> None:
+    _check_figure_path(args.plot)
     frame = read_results_csv(args.csv) if args.csv else Store(args.store).read_table(RESULTS_TABLE)
     for column, text in (("task", args.task), ("method", args.methods), ("proj", args.proj)):
         if text and not frame.empty:
