@@ -193,19 +193,18 @@ FIGURE_SUFFIXES = (".html", ".png", ".svg")
 
 
 def _write_figure(frame: pd.DataFrame, path: str, x: str) -> None:
+    """The LDS-vs-cost figure as HTML, PNG or SVG (the file type was checked by `_check_figure_path`)."""
     out = Path(path)
     fig = lds_cost_figure(frame, x, log_x=x in ("train_s", "serve_s", "space_bytes"))
     fig.update_layout(width=560 * frame["proj"].nunique() + 200)
     if out.suffix == ".html":
         fig.write_html(out, include_plotlyjs="cdn")
-    elif out.suffix in (".png", ".svg"):
+    else:
         try:
             fig.write_image(out, scale=2 if out.suffix == ".png" else 1)
         except (ImportError, ValueError, RuntimeError) as exc:
             raise UserError(f"writing {out.suffix} needs kaleido==1.5.0 and a Chrome or Chromium ({exc}); "
                             "write .html instead") from None
-    else:
-        _check_figure_path(path)
     print(f"figure written to {out}", file=sys.stderr)
 
 
