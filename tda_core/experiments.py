@@ -290,26 +290,26 @@ def _readme_grid() -> list[EnsembleSpec]:
 CHORALES_LORA_EPOCHS = 3
 
 
-def _chorales_grid() -> list[EnsembleSpec]:
-    """The music ladder on 2 CPU cores (docs/results_chorales_cpu.md): naive I = 1, 2, 5; Dropout I = 1, D = 5;
-    LoRA I = 1, L = 5; the projection-seed control of those members (P = 5 at I = 1). 23 members, about a minute
-    each with the full-coverage Kronecker projection on these 256-token windows."""
-    out = [EnsembleSpec("naive", I=i) for i in (1, 2, 5)]
-    out += [EnsembleSpec("dropout", I=1, D=5), EnsembleSpec("lora", I=1, L=5, lora_epochs=CHORALES_LORA_EPOCHS)]
-    out += [EnsembleSpec("proj-seeds", I=1, P=5)]
-    return out
-
-
-def _resnet_grid() -> list[EnsembleSpec]:
-    """The convolutional ladder (docs/results_mnist_resnet9_cpu.md): naive I = 1, 2, 5; Dropout I = 1, D = 5 / 10
-    and I = 2, D = 5; LoRA I = 1, L = 5; the projection-seed controls of those members (P = 5, 10 at I = 1;
-    P = 5 at I = 2)."""
-    out = [EnsembleSpec("naive", I=i) for i in (1, 2, 5)]
+def _ladder(naive_sizes: tuple[int, ...], lora_epochs: int = EnsembleSpec.lora_epochs) -> list[EnsembleSpec]:
+    """The research's ladder for a model family: naive I = `naive_sizes`; Dropout I = 1, D = 5 / 10 and I = 2,
+    D = 5; LoRA I = 1, L = 5; the projection-seed controls of those members (P = 5, 10 at I = 1; P = 5 at I = 2)."""
+    out = [EnsembleSpec("naive", I=i) for i in naive_sizes]
     out += [EnsembleSpec("dropout", I=1, D=5), EnsembleSpec("dropout", I=1, D=10), EnsembleSpec("dropout", I=2, D=5)]
-    out += [EnsembleSpec("lora", I=1, L=5)]
+    out += [EnsembleSpec("lora", I=1, L=5, lora_epochs=lora_epochs)]
     out += [EnsembleSpec("proj-seeds", I=1, P=5), EnsembleSpec("proj-seeds", I=1, P=10),
             EnsembleSpec("proj-seeds", I=2, P=5)]
     return out
+
+
+def _chorales_grid() -> list[EnsembleSpec]:
+    """The music ladder (docs/results_chorales_cpu.md): `_ladder` with naive I up to 10 and the chorales' LoRA
+    fine-tuning length."""
+    return _ladder((1, 2, 5, 10), CHORALES_LORA_EPOCHS)
+
+
+def _resnet_grid() -> list[EnsembleSpec]:
+    """The convolutional ladder (docs/results_mnist_resnet9_cpu.md): `_ladder` with naive I = 1, 2, 5."""
+    return _ladder((1, 2, 5))
 
 
 GRIDS = {"paper": _paper_grid, "readme": _readme_grid, "small": _small_grid, "chorales": _chorales_grid,

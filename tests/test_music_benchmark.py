@@ -59,8 +59,9 @@ def test_held_out_pieces_never_appear_in_training_windows(store):
 # --- the ladder grid and damping grids -----------------------------------------------------------------------
 def test_chorales_grid_holds_every_baseline_its_report_compares_with():
     grid = grid_settings("chorales")
-    assert len(grid) == len(set(grid)) == 6
-    assert {(e.kind, e.I, e.D, e.L, e.P) for e in grid} >= {("naive", i, 1, 1, 1) for i in (1, 2, 5)}
+    assert len(grid) == len(set(grid)) == 11
+    assert {(e.kind, e.I, e.D, e.L, e.P) for e in grid} >= {("naive", i, 1, 1, 1) for i in (1, 2, 5, 10)}
+    assert {(e.I, e.D) for e in grid if e.kind == "dropout"} == {(1, 5), (1, 10), (2, 5)}
     lora = [e for e in grid if e.kind == "lora"]
     assert [(e.I, e.L, e.lora_epochs) for e in lora] == [(1, 5, CHORALES_LORA_EPOCHS)]
     for ensemble in grid:
