@@ -82,6 +82,7 @@ class Result:
     per_example: np.ndarray
     validation: np.ndarray
     ceiling: Ceiling
+    uncovered: list[str]  # parameter names the projection left out, over every replicate ([] with full coverage)
 
     @property
     def replicates(self) -> int:
@@ -199,7 +200,8 @@ def run(task: str | TaskSpec, method: MethodSpec, ensemble: EnsembleSpec, eval_s
                   "costs_from_store": all(a.costs.from_store for a, _ in atts)}
     result = Result(task.name, method, ensemble, eval_spec, atts[0][1], averaged.mean, averaged.sem, rep_se,
                     averaged.n, chosen[0], tuned, validation, _mean_costs([a.costs for a, _ in atts]), provenance,
-                    key, per_example, per_validation, ceiling)
+                    key, per_example, per_validation, ceiling,
+                    list(dict.fromkeys(name for a, _ in atts for name in a.uncovered)))
     store.save(LDS_KIND, key, {"evaluation": torch.from_numpy(per_example), "validation": torch.from_numpy(per_validation),
                                "evaluation_positions": torch.from_numpy(rest), "validation_positions": torch.from_numpy(val)},
                {"ground_truth": truth.key, "row": result.row()})

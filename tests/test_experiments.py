@@ -16,6 +16,7 @@ from tda_core.experiments import DAMPING_GRID, grid_settings, run, sweep, sweep_
 from tda_core.results import lds_cost_figure, pareto
 from tda_core.specs import EnsembleSpec, EvalSpec, MethodSpec
 from tda_core.tasks import TASKS, get_task
+from test_attribution import gain_task  # noqa: F401  (fixture: a model with a parameter no adapter covers)
 
 EVAL = EvalSpec(M=8, seed=0)
 KRON = MethodSpec("trak", proj="kron", proj_dim=256, damping=None)
@@ -130,6 +131,19 @@ def test_cli_run_prints_one_json_row(tiny, store, capsys):
     row = json.loads(capsys.readouterr().out)
     assert code == 0 and row["method"] == "grad-dot" and row["damping"] is None
     assert {"lds", "lds_sem", "train_s", "serve_s", "space_bytes", "provenance"} <= set(row)
+    assert row["uncovered"] == []  # the MLP's Linear layers: every parameter covered by the Kronecker projection
+
+
+def test_cli_run_lists_the_parameters_the_projection_left_out(gain_task, store, capsys):
+    """`run --json` carries the names of the parameters no Kronecker adapter covers, as `attribute` does."""
+    common = ["--task", gain_task.name, "--method", "trak", "--proj-dim", "64", "--M", "4",
+              "--device", "cpu", "--store", str(store.root), "--json"]
+    assert main(["run", *common, "--proj", "kron"]) == 0
+    kron = json.loads(capsys.readouterr().out)
+    assert main(["run", *common, "--proj", "dense"]) == 0
+    dense = json.loads(capsys.readouterr().out)
+    assert kron["uncovered"] == ["gain.scale"] and dense["uncovered"] == []
+    assert np.isfinite(kron["lds"]) and "uncovered" not in experiments.ROW_COLUMNS
 
 
 def test_cli_names_valid_choices(capsys):

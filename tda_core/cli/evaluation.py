@@ -107,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     result = experiments.run(task, method, ensemble, spec, store=store, device=args.device,
                              dampings=args.damping_grid, replicates=args.replicates,
                              progress=None if args.json else tqdm_progress())
-    row = result.row() | {"provenance": result.provenance,
+    row = result.row() | {"provenance": result.provenance, "uncovered": result.uncovered,
                           "validation_lds": {str(c): v for c, v in result.validation_lds.items()}}
     if args.record:
         store.append_rows("results", [result.row()])
