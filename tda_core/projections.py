@@ -43,7 +43,10 @@ KRON_COVER = "every parameter: norm scales and shifts exact and dense-projected,
 DENSE_BLOCK_ENTRIES = 1 << 22  # entries per generated block of the dense JL matrix (fixes the stream)
 HOLD_FRACTION = 0.5  # hold a whole projection matrix (dense, Kronecker columns) when it takes at most this share
 # of the memory budget
-DENSE_CHUNK_ROWS = 1024  # examples per dense step: the product's rows (benchmarks/bench_attribution.py measures it)
+# examples per dense step: the product's rows. Chosen by benchmarks/bench_attribution.py, which measures the
+# product for B = 256..2048: on a 2-core AVX512 CPU, bfloat16, B = 256 ran at ~1240 GFLOP/s vs ~720 at B = 1024
+# (the [B, params] rows of a larger chunk no longer stay in cache while the matrix streams past)
+DENSE_CHUNK_ROWS = 256
 DENSE_CHUNK_BYTES = 1 << 30  # ... at most this many bytes of float32 gradients per step
 Step = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
 
@@ -336,7 +339,10 @@ class KronProjection(FeatureMap):
         total = torch.stack(values).mean(0).sum()
         gouts = torch.autograd.grad(total, [out for _, _, out in calls])
         t1 = time.perf_counter()
-        phi = sum(layer.adapter.features(layer, inp, gout.detach()) for (layer, inp, _), gout in zip(calls, gouts))
+        phi = None  # the layers' contributions summed in place
+        for (layer, inp, _), gout in zip(calls, gouts):
+            part = layer.adapter.features(layer, inp, gout.detach())
+            phi = part if phi is None else phi.add_(part)
         return phi, torch.stack(probs).mean(0), {"grads_s": t1 - t0, "project_s": time.perf_counter() - t1}
 
 
