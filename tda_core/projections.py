@@ -43,10 +43,11 @@ KRON_COVER = "every parameter: norm scales and shifts exact and dense-projected,
 DENSE_BLOCK_ENTRIES = 1 << 22  # entries per generated block of the dense JL matrix (fixes the stream)
 HOLD_FRACTION = 0.5  # hold a whole projection matrix (dense, Kronecker columns) when it takes at most this share
 # of the memory budget
-# examples per dense step: the product's rows. Chosen by benchmarks/bench_attribution.py, which measures the
-# product for B = 256..2048: on a 2-core AVX512 CPU, bfloat16, B = 256 ran at ~1240 GFLOP/s vs ~720 at B = 1024
-# (the [B, params] rows of a larger chunk no longer stay in cache while the matrix streams past)
-DENSE_CHUNK_ROWS = 256
+# examples per dense step: the product's rows and the per-sample gradients' vmap chunk. Measured on a 2-core
+# AVX512 CPU (bfloat16, 2 threads, median of 4 repeats of 2048 rows in chunks of B): B = 256, 512, 1024, 2048 ran at
+# 661, 672, 706, 666 GFLOP/s, and vmap's per-sample gradients took 2.5 s at B = 256 vs 1.3 s at 1024 (MNIST MLP,
+# 5000 examples); benchmarks/bench_attribution.py prints the product's rates in each run
+DENSE_CHUNK_ROWS = 1024
 DENSE_CHUNK_BYTES = 1 << 30  # ... at most this many bytes of float32 gradients per step
 Step = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
 
