@@ -99,11 +99,9 @@ def forms_gradient(layer: KronLayer, positions: int) -> bool:
     return positions * (layer.d_out + layer.d_in) > layer.d_out * layer.d_in
 
 
-def formed_gradient_bytes(layer: KronLayer, positions: int) -> int:
-    """Bytes per example of forming the weight gradient: the [positions, out + in] sides it is formed from (an
-    unfolded input is a copy), the gradient [out, in] and its one-sided sketch [smaller side, k]."""
-    sides = positions * (layer.d_out + layer.d_in)
-    return 4 * (sides + layer.d_out * layer.d_in + min(layer.d_out, layer.d_in) * layer.k)
+def formed_gradient_bytes(layer: KronLayer) -> int:
+    """Bytes per example of a formed weight gradient [out, in] and its one-sided sketch [smaller side, k]."""
+    return 4 * (layer.d_out * layer.d_in + min(layer.d_out, layer.d_in) * layer.k)
 
 
 def positions_features(layer: KronLayer, g: torch.Tensor, a: torch.Tensor, bias: bool = False) -> torch.Tensor:
@@ -149,7 +147,7 @@ class LayerAdapter:
     def example_bytes(self, layer: KronLayer, positions: int) -> int:
         """Memory one example takes in this layer's features, given its positions per example: its [positions, k]
         sketches, or its formed weight gradient (what bounds the examples per chunk)."""
-        return formed_gradient_bytes(layer, positions) if forms_gradient(layer, positions) else 4 * positions * layer.k
+        return formed_gradient_bytes(layer) if forms_gradient(layer, positions) else 4 * positions * layer.k
 
     def sketches(self, name: str, module: nn.Module, k: int, seed: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -216,7 +214,7 @@ class EmbeddingAdapter(LayerAdapter):
         return module.embedding_dim, module.num_embeddings
 
     def example_bytes(self, layer: KronLayer, positions: int) -> int:
-        return 4 * layer.k if positions == 1 else formed_gradient_bytes(layer, positions)
+        return 4 * layer.k if positions == 1 else formed_gradient_bytes(layer)
 
     def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
         m, b = layer.module, gout.shape[0]
