@@ -94,22 +94,12 @@ def combine_gradient(layer: KronLayer, grad_w: torch.Tensor) -> torch.Tensor:
     return sketched.mul_(last).sum(1) / math.sqrt(layer.k)
 
 
-def forms_gradient(layer: KronLayer, positions: int) -> bool:
-    """True when summing sketches over `positions` costs more than forming the weight gradient once."""
-    return positions * (layer.d_out + layer.d_in) > layer.d_out * layer.d_in
-
-
-def formed_gradient_bytes(layer: KronLayer) -> int:
-    """Bytes per example of a formed weight gradient [out, in] and its one-sided sketch [smaller side, k]."""
-    return 4 * (layer.d_out * layer.d_in + min(layer.d_out, layer.d_in) * layer.k)
-
-
 def positions_features(layer: KronLayer, g: torch.Tensor, a: torch.Tensor, bias: bool = False) -> torch.Tensor:
     """[B, k] from per-position output gradients g [B, T, out] and inputs a [B, T, in] (`bias`: the layer's
     input side has a bias column after a's, whose input is 1): by summing sketches over positions, or, when
     positions outnumber what the weight gradient costs, by forming it first (laid out so that its smaller side
     comes first in memory). The sketch of a bias column is its row of v, added rather than multiplied in."""
-    if forms_gradient(layer, a.shape[1]):
+    if a.shape[1] * (layer.d_out + layer.d_in) > layer.d_out * layer.d_in:
         if bias:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
         if layer.d_out <= layer.d_in or layer.hold_columns:
@@ -143,11 +133,6 @@ class LayerAdapter:
         """Positions per example in one call (tokens, pixels), from the call's output: a call's [B, positions, k]
         sketches bound the examples per chunk."""
         return output.numel() // output.shape[0] // output.shape[-1]
-
-    def example_bytes(self, layer: KronLayer, positions: int) -> int:
-        """Memory one example takes in this layer's features, given its positions per example: its [positions, k]
-        sketches, or its formed weight gradient (what bounds the examples per chunk)."""
-        return formed_gradient_bytes(layer) if forms_gradient(layer, positions) else 4 * positions * layer.k
 
     def sketches(self, name: str, module: nn.Module, k: int, seed: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -213,9 +198,6 @@ class EmbeddingAdapter(LayerAdapter):
     def dims(self, module: nn.Module) -> tuple[int, int]:
         return module.embedding_dim, module.num_embeddings
 
-    def example_bytes(self, layer: KronLayer, positions: int) -> int:
-        return 4 * layer.k if positions == 1 else formed_gradient_bytes(layer)
-
     def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
         m, b = layer.module, gout.shape[0]
         tokens = inp.reshape(b, -1)
@@ -237,9 +219,6 @@ class ExactBlockAdapter(LayerAdapter):
 
     def positions(self, module: nn.Module, output: torch.Tensor) -> int:
         return 1  # no [B, positions, k] sketches: its [B, n] gradient is the size of a parameter block
-
-    def example_bytes(self, layer: KronLayer, positions: int) -> int:
-        return 4 * (layer.d_out + layer.k)  # its exact gradient [n] and its [k] features
 
     def sketches(self, name: str, module: nn.Module, k: int, seed: int,
                  device: torch.device) -> tuple[torch.Tensor, None]:

@@ -275,6 +275,8 @@ class KronProjection(FeatureMap):
         self.k = proj_dim
         candidates = _covered_modules(source)
         fired = _fired_positions(source, candidates, probe, device)
+        # examples per chunk: the [B, positions, k] sketches of the busiest layer stay near KRON_CHUNK_BYTES
+        self.chunk = max(1, min(512, KRON_CHUNK_BYTES // (4 * proj_dim * max(fired.values(), default=1))))
         self.layers: list[KronLayer] = []
         covered: set[str] = set()
         for name, module, adapter in candidates:
@@ -284,10 +286,6 @@ class KronProjection(FeatureMap):
             self.layers.append(KronLayer(name, module, adapter, u, v))
             covered.update(_qualified(name, adapter.param_names(module)))
         self.uncovered = tuple(n for n in source.param_names if n not in covered)
-        # examples per chunk: what one example holds in the busiest layer ([positions, k] sketches, or a formed
-        # weight gradient and its one-sided sketch) stays near KRON_CHUNK_BYTES
-        busiest = max((layer.adapter.example_bytes(layer, fired[id(layer.site)]) for layer in self.layers), default=1)
-        self.chunk = max(1, min(512, KRON_CHUNK_BYTES // busiest))
         if not self.layers:
             raise UserError("the Kronecker projection covers none of the differentiated parameters (no Linear, "
                             "Conv2d, Embedding or normalisation layer among them); use --proj dense")

@@ -8,7 +8,7 @@ from torch import nn
 from tda_core.features import GradientSource, all_param_names, compute_features
 from tda_core.kron_layers import ExactBlockAdapter, combine_gradient, combine_sketches, positions_features
 from tda_core.models import MLP, MusicTransformer, ResNet9
-from tda_core.projections import DenseProjection, KronProjection, _covered_modules, _fired_positions
+from tda_core.projections import DenseProjection, KronProjection
 from tda_core.objectives import IGNORE, correct_probability, target
 
 
@@ -163,21 +163,6 @@ def test_kron_bias_sketch_equals_a_ones_column():
         want = combine_sketches(g @ layer.u, ones @ layer.v)
         got = positions_features(layer, g, a, bias=True)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name,model,x,y,sequence", _cases(), ids=lambda v: v if isinstance(v, str) else "")
-def test_kron_chunk_bounds_each_layers_memory_and_leaves_rows_alone(name, model, x, y, sequence, monkeypatch):
-    """The examples per chunk keep every layer's per-example memory (sketches, or a formed weight gradient) within
-    KRON_CHUNK_BYTES, and the features do not depend on the chunk (rows are independent)."""
-    src = GradientSource(model, all_param_names(model), sequence)
-    monkeypatch.setattr("tda_core.projections.KRON_CHUNK_BYTES", 3 << 16)  # small enough to bind on these models
-    kron = KronProjection(src, 16, seed=0, device=torch.device("cpu"), probe=(x[:1], y[:1]))
-    fired = _fired_positions(src, _covered_modules(src), (x[:1], y[:1]), torch.device("cpu"))
-    busiest = max(la.adapter.example_bytes(la, fired[id(la.site)]) for la in kron.layers)
-    assert kron.chunk == 1 or kron.chunk * busiest <= 3 << 16
-    chunked = compute_features(src, x, y, kron, chunk=max(2, kron.chunk)).phi
-    one_by_one = compute_features(src, x, y, kron, chunk=1).phi
-    assert torch.allclose(chunked, one_by_one, rtol=1e-5, atol=1e-6)
 
 
 def test_kron_projection_preserves_inner_products_in_expectation():
