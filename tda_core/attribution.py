@@ -31,7 +31,7 @@ from .ensembles import (Member, MemberContext, base_seeds, build_member, build_m
 from .executors import Executor, Task, in_order
 from .errors import UserError
 from .features import Features, GradientSource, all_param_names, compute_features, derive_seed, sample_labels
-from .methods import SOLVE_BATCH_BYTES, MemberAverage, MemberScores, kernel_identity, member_scores
+from .methods import MemberAverage, MemberScores, kernel_identity, member_scores
 from .progress import Progress, report
 from .projections import FeatureMap, reuse_dense_matrix
 from .specs import EnsembleSpec, MethodSpec, TaskSpec, method_record, projection_class
@@ -130,8 +130,7 @@ def estimate_peak_bytes(n_params: int, k: int, n_train: int, n_test: int, method
     projection = projection_class(method.proj).peak_bytes(n_params, k, n_train, budget)
     feats = (n_train * len(label_sets(method)) + n_test) * k * f
     side = min(n_train, k)
-    batch = max(side ** 2 * f, min(SOLVE_BATCH_BYTES, n_dampings * side ** 2 * f))
-    kernel = side ** 2 * f + 2 * batch  # the kernel, then the damped systems and their factors
+    kernel = 3 * side ** 2 * f  # the kernel, then one damped system and its factor at a time
     scores = n_train * n_test * f * (2 * n_dampings + 2)  # one product for every c, then the running sums
     exact = 6 * n_test * n_params * f if method.hessian != "fisher" else 0
     return projection + feats + kernel + scores + exact

@@ -68,8 +68,11 @@ def gaussian(d: int, width: int, seed: int, device: torch.device) -> torch.Tenso
 
 
 def combine_sketches(gu: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
-    """[B, T, k] sketches of output gradients and inputs -> [B, k], summed over positions T."""
-    return (gu * av).sum(1) / math.sqrt(gu.shape[-1])
+    """[B, T, k] sketches of output gradients and inputs -> [B, k], summed over positions T (`gu` is
+    overwritten: callers pass a fresh product)."""
+    products = gu.mul_(av)
+    summed = products.squeeze(1) if products.shape[1] == 1 else products.sum(1)
+    return summed.div_(math.sqrt(gu.shape[-1]))
 
 
 def kronecker_columns(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -91,19 +94,19 @@ def combine_gradient(layer: KronLayer, grad_w: torch.Tensor) -> torch.Tensor:
     return sketched.mul_(last).sum(1) / math.sqrt(layer.k)
 
 
-def positions_features(layer: KronLayer, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """[B, k] from per-position output gradients g [B, T, out] and inputs a [B, T, in]: by summing sketches
-    over positions, or, when positions outnumber what the weight gradient costs, by forming it first (laid out
-    so that its smaller side comes first in memory)."""
+def positions_features(layer: KronLayer, g: torch.Tensor, a: torch.Tensor, bias: bool = False) -> torch.Tensor:
+    """[B, k] from per-position output gradients g [B, T, out] and inputs a [B, T, in] (`bias`: the layer's
+    input side has a bias column after a's, whose input is 1): by summing sketches over positions, or, when
+    positions outnumber what the weight gradient costs, by forming it first (laid out so that its smaller side
+    comes first in memory). The sketch of a bias column is its row of v, added rather than multiplied in."""
     if a.shape[1] * (layer.d_out + layer.d_in) > layer.d_out * layer.d_in:
+        if bias:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
         if layer.d_out <= layer.d_in or layer.hold_columns:
             return combine_gradient(layer, torch.bmm(g.transpose(1, 2), a))
         return combine_gradient(layer, torch.bmm(a.transpose(1, 2), g).transpose(1, 2))
-    return combine_sketches(g @ layer.u, a @ layer.v)
-
-
-def _with_bias_column(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1) if module.bias is not None else a
+    av = torch.matmul(a, layer.v[:-1]).add_(layer.v[-1]) if bias else a @ layer.v
+    return combine_sketches(g @ layer.u, av)
 
 
 class LayerAdapter:
@@ -158,8 +161,8 @@ class LinearAdapter(LayerAdapter):
 
     def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
         b = gout.shape[0]
-        a = _with_bias_column(layer.module, inp.reshape(b, -1, inp.shape[-1]))
-        return positions_features(layer, gout.reshape(b, -1, gout.shape[-1]), a)
+        return positions_features(layer, gout.reshape(b, -1, gout.shape[-1]), inp.reshape(b, -1, inp.shape[-1]),
+                                  layer.module.bias is not None)
 
 
 class Conv2dAdapter(LayerAdapter):
@@ -180,7 +183,7 @@ class Conv2dAdapter(LayerAdapter):
     def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
         m = layer.module
         a = F.unfold(inp, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)  # [B, L, C*kh*kw]
-        return positions_features(layer, gout.flatten(2).transpose(1, 2), _with_bias_column(m, a))
+        return positions_features(layer, gout.flatten(2).transpose(1, 2), a, m.bias is not None)
 
 
 class EmbeddingAdapter(LayerAdapter):

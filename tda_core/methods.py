@@ -43,7 +43,6 @@ def loss_weight(features: Features) -> torch.Tensor:
 
 
 KERNEL_DTYPES = ("float32", "bfloat16")
-SOLVE_BATCH_BYTES = 1 << 28  # damped systems factorised together per batch (k x k float32 each)
 
 
 def kernel_dtype(method: MethodSpec, device: torch.device | str) -> str:
@@ -95,22 +94,21 @@ def gram_matrix(a: torch.Tensor, b: torch.Tensor | None = None, dtype: str = "fl
 
 
 def damped_solves(gram: torch.Tensor, rhs: torch.Tensor, lams: Mapping[float, float]) -> dict[float, torch.Tensor]:
-    """For each c: (gram + lams[c] I)^-1 rhs, by float32 Cholesky factorisations batched over c (a float64
-    pseudo-inverse for a c whose factorisation fails)."""
-    k = gram.shape[0]
-    per_batch = max(1, SOLVE_BATCH_BYTES // (k * k * gram.element_size()))
-    items, out = list(lams.items()), {}
-    diagonal = torch.arange(k, device=gram.device)
-    for start in range(0, len(items), per_batch):
-        part = items[start:start + per_batch]
-        systems = gram.expand(len(part), k, k).clone()
-        systems[:, diagonal, diagonal] += torch.tensor([lam for _, lam in part], dtype=gram.dtype,
-                                                       device=gram.device)[:, None]
-        chol, info = torch.linalg.cholesky_ex(systems)
-        solved = torch.cholesky_solve(rhs.expand(len(part), *rhs.shape), chol)
-        for i, (c, _) in enumerate(part):
-            ok = int(info[i]) == 0 and bool(torch.isfinite(solved[i]).all())
-            out[c] = solved[i] if ok else _pseudo_inverse_solve(systems[i], rhs)
+    """For each c: (gram + lams[c] I)^-1 rhs, by one float32 Cholesky factorisation per c, one c after another
+    (a float64 pseudo-inverse for a c whose factorisation fails).
+
+    One factorisation per c is the cheapest exact form for a grid of a few values: an eigendecomposition of
+    the kernel, reusable for every c, costs about ten Cholesky factorisations on a CPU (2048 x 2048 float32:
+    1.08 s vs 0.095 s for one factorisation, one thread), and factorising the grid's systems as one batch
+    is slower than one after another and holds every system at once."""
+    out = {}
+    for c, lam in lams.items():
+        system = gram.clone()
+        system.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(system)
+        solved = torch.cholesky_solve(rhs, chol)
+        ok = int(info) == 0 and bool(torch.isfinite(solved).all())
+        out[c] = solved if ok else _pseudo_inverse_solve(system, rhs)
     return out
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tda_core.features import GradientSource, all_param_names, compute_features
-from tda_core.kron_layers import ExactBlockAdapter, combine_gradient, combine_sketches
+from tda_core.kron_layers import ExactBlockAdapter, combine_gradient, combine_sketches, positions_features
 from tda_core.models import MLP, MusicTransformer, ResNet9
 from tda_core.projections import DenseProjection, KronProjection
 from tda_core.objectives import IGNORE, correct_probability, target
@@ -147,6 +147,22 @@ def test_kron_position_and_gradient_forms_agree():
         by_positions = combine_sketches(g @ la.u, a @ la.v)
         by_gradient = combine_gradient(la, torch.bmm(g.transpose(1, 2), a))
         assert torch.allclose(by_positions, by_gradient, atol=1e-4, rtol=1e-4)
+
+
+def test_kron_bias_sketch_equals_a_ones_column():
+    """A bias column's sketch added (its row of v) equals sketching inputs with a ones column appended, in both
+    forms (sketches summed over positions, and the formed weight gradient)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 3))
+    src = GradientSource(model, all_param_names(model), False)
+    kron = KronProjection(src, 32, seed=0, device=torch.device("cpu"), probe=(torch.randn(1, 6), torch.zeros(1)))
+    layer = kron.layers[0]
+    for positions in (1, 2, 40):  # 40 positions: the weight gradient is formed
+        g, a = torch.randn(5, positions, 3), torch.randn(5, positions, 6)
+        ones = torch.cat([a, torch.ones(5, positions, 1)], dim=-1)
+        want = combine_sketches(g @ layer.u, ones @ layer.v)
+        got = positions_features(layer, g, a, bias=True)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_kron_projection_preserves_inner_products_in_expectation():
