@@ -130,6 +130,9 @@ def _sweep_args(args: argparse.Namespace) -> dict:
             "replicates": args.replicates, "dampings": args.damping_grid}
 
 
+FIGURE_SUFFIXES = (".html", ".png", ".svg")
+
+
 def _check_figure_path(path: str | None) -> None:
     """A figure's file type, checked before any work."""
     if path and Path(path).suffix not in FIGURE_SUFFIXES:
@@ -187,9 +190,6 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(paired.to_json(orient="records"))
     else:
         print(paired.round(4).to_string(index=False))
-
-
-FIGURE_SUFFIXES = (".html", ".png", ".svg")
 
 
 def _write_figure(frame: pd.DataFrame, path: str, x: str) -> None:
