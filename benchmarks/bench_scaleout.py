@@ -53,28 +53,31 @@ def main() -> None:
         start_local_ray()
     ray = ray_module()
     print(f"ray start-up   : {time.perf_counter() - t0:7.1f} s (once per session; not in the arms below)", flush=True)
-    arms: list[tuple[str, Executor]] = [("local", LOCAL)]
-    arms += [(f"ray {w:2d} worker{'s' if w > 1 else ' '}", RayExecutor(address=args.address, workers=w))
-             for w in (int(w) for w in args.workers.split(","))]
+    arms = [(f"ray {w:2d} worker{'s' if w > 1 else ' '}", RayExecutor(address=args.address, workers=w))
+            for w in (int(w) for w in args.workers.split(","))]
     best: dict[str, float] = {}
+
+    def timed_arm(round_: int, name: str, ex: Executor, local_s: float | None = None) -> float:
+        wall, meta = timed(task, spec, device, ex)
+        best[name] = min(wall, best.get(name, wall))
+        ratio = "" if local_s is None else f", ratio to this round's local {wall / local_s:5.2f}"
+        print(f"round {round_} {name}: {wall:7.1f} s wall, train_s {meta['train_s']:7.1f}{ratio}, "
+              f"load average {os.getloadavg()[0]:.2f}", flush=True)
+        return wall
+
     try:
-        for name, ex in arms[1:]:
+        for name, ex in arms:
             warm_s, _ = timed(get_task("digits-mlp"), EvalSpec(M=2), device, ex)
             share = ex.task_options(device)  # what each task asks for
             gpu = f", {share['num_gpus']:.2f} GPU" if "num_gpus" in share else ""
             print(f"{name}: warm-up {warm_s:.1f} s; {share['num_cpus']} CPU{gpu} per task", flush=True)
         for round_ in range(1, args.rounds + 1):
+            local_s = timed_arm(round_, "local", LOCAL)
             for name, ex in arms:
-                wall, meta = timed(task, spec, device, ex)
-                best[name] = min(wall, best.get(name, wall))
-                if ex is LOCAL:
-                    local_s = wall
-                ratio = "" if ex is LOCAL else f", ratio to this round's local {wall / local_s:5.2f}"
-                print(f"round {round_} {name}: {wall:7.1f} s wall, train_s {meta['train_s']:7.1f}{ratio}, "
-                      f"load average {os.getloadavg()[0]:.2f}", flush=True)
+                timed_arm(round_, name, ex, local_s)
     finally:
         ray.shutdown()
-    for name, ex in arms[1:]:
+    for name, ex in arms:
         goal = " (goal <= 1.10)" if ex.workers == 1 else ""
         print(f"best of {args.rounds}: {name} {best[name]:7.1f} s vs local {best['local']:7.1f} s, ratio "
               f"{best[name] / best['local']:5.2f}{goal}")
