@@ -14,9 +14,10 @@ features. The projection matrix of the whole model is then the Kronecker columns
 appended: still an unbiased JL projection, over every parameter.
 
 An adapter says, for its module type, which parameters it covers, which call it reads (`call_site`), how to
-draw its sketches and how to turn one call's input and output gradient into the [B, k] contribution. To cover
-a new layer type, write one adapter and `register_layer` it here; parameters of types no adapter covers are
-listed by name as `uncovered` by the projection.
+draw its sketches and how to turn one call's input and output gradient into the [B, k] contribution, or into
+the exact per-example gradients of its parameters (`gradients`: the dense projection's rows, from the same
+hooked pass). To cover a new layer type, write one adapter and `register_layer` it here; parameters of types no
+adapter covers are listed by name as `uncovered` by the projection.
 """
 from __future__ import annotations
 
@@ -94,6 +95,13 @@ def combine_gradient(layer: KronLayer, grad_w: torch.Tensor) -> torch.Tensor:
     return sketched.mul_(last).sum(1) / math.sqrt(layer.k)
 
 
+def weight_bias_gradients(module: nn.Module, g: torch.Tensor, a: torch.Tensor) -> list[torch.Tensor]:
+    """Exact per-example gradients [B, out * in] of a weight (and [B, out] of its bias, if any) from per-position
+    output gradients g [B, T, out] and inputs a [B, T, in]: sum_t g_t a_t^T and sum_t g_t."""
+    grads = [torch.bmm(g.transpose(1, 2), a).flatten(1)]
+    return grads + ([g.sum(1)] if getattr(module, "bias", None) is not None else [])
+
+
 def positions_features(layer: KronLayer, g: torch.Tensor, a: torch.Tensor, bias: bool = False) -> torch.Tensor:
     """[B, k] from per-position output gradients g [B, T, out] and inputs a [B, T, in] (`bias`: the layer's
     input side has a bias column after a's, whose input is 1): by summing sketches over positions, or, when
@@ -150,6 +158,10 @@ class LayerAdapter:
         """[B, k] contribution of one call of the layer, from its first input and its output's gradient."""
         raise NotImplementedError
 
+    def gradients(self, module: nn.Module, inp: torch.Tensor, gout: torch.Tensor) -> list[torch.Tensor]:
+        """Exact per-example gradients [B, numel] of the covered parameters (`param_names` order) from one call."""
+        raise NotImplementedError
+
 
 class LinearAdapter(LayerAdapter):
     """nn.Linear over any leading dimensions (each leading position is a position)."""
@@ -160,9 +172,17 @@ class LinearAdapter(LayerAdapter):
         return module.out_features, module.in_features + (module.bias is not None)
 
     def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+        g, a = self._positions(inp, gout)
+        return positions_features(layer, g, a, layer.module.bias is not None)
+
+    def gradients(self, module: nn.Module, inp: torch.Tensor, gout: torch.Tensor) -> list[torch.Tensor]:
+        return weight_bias_gradients(module, *self._positions(inp, gout))
+
+    @staticmethod
+    def _positions(inp: torch.Tensor, gout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g [B, T, out], a [B, T, in]): every leading position of the call a position."""
         b = gout.shape[0]
-        return positions_features(layer, gout.reshape(b, -1, gout.shape[-1]), inp.reshape(b, -1, inp.shape[-1]),
-                                  layer.module.bias is not None)
+        return gout.reshape(b, -1, gout.shape[-1]), inp.reshape(b, -1, inp.shape[-1])
 
 
 class Conv2dAdapter(LayerAdapter):
@@ -181,9 +201,16 @@ class Conv2dAdapter(LayerAdapter):
         return output.numel() // output.shape[0] // output.shape[1]
 
     def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
-        m = layer.module
-        a = F.unfold(inp, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)  # [B, L, C*kh*kw]
-        return positions_features(layer, gout.flatten(2).transpose(1, 2), a, m.bias is not None)
+        return positions_features(layer, *self._positions(layer.module, inp, gout), layer.module.bias is not None)
+
+    def gradients(self, module: nn.Module, inp: torch.Tensor, gout: torch.Tensor) -> list[torch.Tensor]:
+        return weight_bias_gradients(module, *self._positions(module, inp, gout))  # weight [out, C, kh, kw] order
+
+    @staticmethod
+    def _positions(m: nn.Conv2d, inp: torch.Tensor, gout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g [B, L, out], a [B, L, C*kh*kw]): output pixels as positions over their unfolded input patches."""
+        a = F.unfold(inp, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
+        return gout.flatten(2).transpose(1, 2), a
 
 
 class EmbeddingAdapter(LayerAdapter):
@@ -199,16 +226,29 @@ class EmbeddingAdapter(LayerAdapter):
         return module.embedding_dim, module.num_embeddings
 
     def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
-        m, b = layer.module, gout.shape[0]
+        tokens, g = self._tokens(layer.module, inp, gout)
+        if tokens.shape[1] == 1:
+            return combine_sketches(g @ layer.u, layer.v[tokens])
+        return combine_gradient(layer, self._table_gradient(layer.module, tokens, g).transpose(1, 2))
+
+    def gradients(self, module: nn.Module, inp: torch.Tensor, gout: torch.Tensor) -> list[torch.Tensor]:
+        return [self._table_gradient(module, *self._tokens(module, inp, gout)).flatten(1)]
+
+    @staticmethod
+    def _tokens(m: nn.Embedding, inp: torch.Tensor, gout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [B, T], their output gradients [B, T, dim], zero at the padding index)."""
+        b = gout.shape[0]
         tokens = inp.reshape(b, -1)
         g = gout.reshape(b, tokens.shape[1], -1)
         if m.padding_idx is not None:
             g = g * (tokens != m.padding_idx).unsqueeze(-1)
-        if tokens.shape[1] == 1:
-            return combine_sketches(g @ layer.u, layer.v[tokens])
-        grad_t = g.new_zeros(b, layer.d_in, layer.d_out).scatter_add_(
-            1, tokens.unsqueeze(-1).expand(-1, -1, layer.d_out), g)  # [B, vocab, dim]
-        return combine_gradient(layer, grad_t.transpose(1, 2))
+        return tokens, g
+
+    @staticmethod
+    def _table_gradient(m: nn.Embedding, tokens: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """[B, vocab, dim]: each token's output gradient scattered to its row of the table."""
+        return g.new_zeros(g.shape[0], m.num_embeddings, g.shape[2]).scatter_add_(
+            1, tokens.unsqueeze(-1).expand(-1, -1, g.shape[2]), g)
 
 
 class ExactBlockAdapter(LayerAdapter):
@@ -231,6 +271,10 @@ class ExactBlockAdapter(LayerAdapter):
 
     def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
         return self.gradient(layer.module, inp, gout) @ layer.u / math.sqrt(layer.k)
+
+    def gradients(self, module: nn.Module, inp: torch.Tensor, gout: torch.Tensor) -> list[torch.Tensor]:
+        sizes = [getattr(module, p).numel() for p in self.param_names(module)]
+        return list(self.gradient(module, inp, gout).split(sizes, dim=1))
 
 
 def _scale_shift_gradient(names: list[str], normalised: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
@@ -291,11 +335,20 @@ class RelativePositionAdapter(LayerAdapter):
         return tuple(module.rel.shape)
 
     def features(self, layer: KronLayer, inp: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+        return positions_features(layer, *self._positions(layer.module, inp, gout))
+
+    def gradients(self, module: nn.Module, inp: torch.Tensor, gout: torch.Tensor) -> list[torch.Tensor]:
+        return weight_bias_gradients(module.rel_logits, *self._positions(module, inp, gout))  # no bias
+
+    @staticmethod
+    def _positions(m: SelfAttention, inp: torch.Tensor, gout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g [B, heads * queries, max_len], queries [B, heads * queries, d_head]); a window shorter than the
+        table leaves the rows before its last t without gradient."""
         b, t = gout.shape[0], gout.shape[-1]
         g = gout.reshape(b, -1, t)
-        if t < layer.d_out:  # a window shorter than the table: rows before its last t get no gradient
-            g = F.pad(g, (layer.d_out - t, 0))
-        return positions_features(layer, g, inp.reshape(b, -1, inp.shape[-1]))
+        if t < m.rel.shape[0]:
+            g = F.pad(g, (m.rel.shape[0] - t, 0))
+        return g, inp.reshape(b, -1, inp.shape[-1])
 
 
 LAYER_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}

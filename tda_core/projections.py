@@ -6,8 +6,10 @@ its pass needs (`peak_bytes`). `PROJECTIONS` maps the names users type (`--proj 
 classes; to add a projection, subclass `FeatureMap` here and register it.
 
 - ``none``: the exact per-sample gradients (``torch.func.vmap(grad(...))``, chunked);
-- ``dense``: those gradients times a seeded Gaussian or Rademacher JL matrix, generated in fixed row
-  blocks from (seed, block), held whole when it fits, else regenerated per chunk;
+- ``dense``: the per-sample gradients times a seeded Gaussian or Rademacher JL matrix, generated in fixed row
+  blocks from (seed, block), held whole when it fits, else regenerated per chunk. The gradients come from one
+  batched forward/backward with hooks on the layers (`HookedGradients`, the same layer adapters as ``kron``)
+  when the adapters cover every differentiated parameter and agree with autograd on a probe example, else by vmap;
 - ``kron``: every covered layer's inputs and output gradients, captured in one batched forward/backward,
   projected separately and multiplied, summed over positions and layers (tda_core/kron_layers.py): a JL
   projection whose columns are Kronecker products u (x) v (materialised per layer only where weight gradients
@@ -24,13 +26,15 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .errors import UserError
-from .features import GradientSource, default_chunk, derive_seed, masked, p_or_nan, per_sample_gradients
+from .features import (GradientSource, GradientStep, default_chunk, derive_seed, masked, p_or_nan,
+                       per_sample_gradients)
 from .kron_layers import KronLayer, adapter_for
 from .objectives import target
 from .registry import Registry
@@ -49,7 +53,12 @@ HOLD_FRACTION = 0.5  # hold a whole projection matrix (dense, Kronecker columns)
 # 5000 examples); benchmarks/bench_attribution.py prints the product's rates in each run
 DENSE_CHUNK_ROWS = 1024
 DENSE_CHUNK_BYTES = 1 << 30  # ... at most this many bytes of float32 gradients per step
+# examples per hooked forward/backward of `HookedGradients`: this many positions (tokens, pixels) of the busiest
+# call site; 64 chorales windows (2 heads x 256 queries of relative logits each), the forward/backward's fastest
+# batch on a 2-core CPU (benchmarks/bench_attribution.py's floor)
+HOOKED_POSITIONS = 1 << 15
 Step = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
+T = TypeVar("T")
 
 
 class FeatureMap(abc.ABC):
@@ -208,8 +217,9 @@ class DenseJL(FeatureMap):
 
     name, label = "dense", "dense JL"
 
-    def __init__(self, source: GradientSource, projection: DenseProjection, device: torch.device) -> None:
-        self.grads = per_sample_gradients(source, device, projection.dtype)
+    def __init__(self, source: GradientSource, projection: DenseProjection, device: torch.device,
+                 probe: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.grads = gradient_rows(source, device, projection.dtype, probe)
         self.projection = projection
         self.chunk = self.chunk_rows(source.n_params)
 
@@ -223,12 +233,12 @@ class DenseJL(FeatureMap):
         shape = (source.n_params, method.proj_dim, seed, method.dense_kind, method.proj_dtype, str(device))
         last = _LAST_MATRIX.get()
         if last is not None and last.get("shape") == shape:
-            return cls(source, last["matrix"], device)  # generated (and counted) for an earlier member
+            return cls(source, last["matrix"], device, probe)  # generated (and counted) for an earlier member
         matrix = DenseProjection(source.n_params, method.proj_dim, seed, device, method.dense_kind,
                                  hold_bytes=int(budget * HOLD_FRACTION), dtype=getattr(torch, method.proj_dtype))
         if last is not None:
             last.update(shape=shape, matrix=matrix)
-        return cls(source, matrix, device)
+        return cls(source, matrix, device, probe)
 
     @classmethod
     def identity(cls, method: MethodSpec, seed: int) -> dict:
@@ -319,32 +329,108 @@ class KronProjection(FeatureMap):
     def step(self, x, y, masks) -> Step:  # noqa: ANN001
         """One batched forward/backward with hooks on the covered layers, then their sketches."""
         t0 = time.perf_counter()
-        source, model = self.source, self.source.model
-        by_module = {id(layer.site): layer for layer in self.layers}
-        calls: list[tuple[KronLayer, torch.Tensor, torch.Tensor]] = []
-
-        def hook(mod, inputs, output):
-            calls.append((by_module[id(mod)], inputs[0].detach(), output))
-
-        hooks = [layer.site.register_forward_hook(hook) for layer in self.layers]
-        values, probs = [], []
-        try:
-            for m in source.average_masks or (masks,):
-                with masked(model, m):
-                    logits = model(x)
-                values.append(target(logits, y, source.sequence))
-                probs.append(p_or_nan(logits.detach(), y, source.sequence))
-        finally:
-            for h in hooks:
-                h.remove()
-        total = torch.stack(values).mean(0).sum()
-        gouts = torch.autograd.grad(total, [out for _, _, out in calls])
+        calls, p = hooked_pass(self.source, {id(layer.site): layer for layer in self.layers}, x, y, masks)
         t1 = time.perf_counter()
         phi = None  # the layers' contributions summed in place
-        for (layer, inp, _), gout in zip(calls, gouts):
-            part = layer.adapter.features(layer, inp, gout.detach())
+        for layer, inp, gout in calls:
+            part = layer.adapter.features(layer, inp, gout)
             phi = part if phi is None else phi.add_(part)
-        return phi, torch.stack(probs).mean(0), {"grads_s": t1 - t0, "project_s": time.perf_counter() - t1}
+        return phi, p, {"grads_s": t1 - t0, "project_s": time.perf_counter() - t1}
+
+
+def hooked_pass(source: GradientSource, sites: Mapping[int, T], x: torch.Tensor, y: torch.Tensor,
+                masks: Mapping[str, torch.Tensor]) -> tuple[list[tuple[T, torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """One batched forward/backward of the summed target (averaged over `source.average_masks` when it has
+    them) with forward hooks on the call sites `sites` (module id -> its entry): for every call, (entry, its first
+    input, the gradient of the target with respect to its output), and p [B]. In eval mode examples do not
+    interact, so each example's rows of these are its own."""
+    calls: list[tuple[T, torch.Tensor, torch.Tensor]] = []
+
+    def hook(mod, inputs, output):
+        calls.append((sites[id(mod)], inputs[0].detach(), output))
+
+    model = source.model
+    hooks = [module.register_forward_hook(hook) for module in model.modules() if id(module) in sites]
+    values, probs = [], []
+    try:
+        for m in source.average_masks or (masks,):
+            with masked(model, m):
+                logits = model(x)
+            values.append(target(logits, y, source.sequence))
+            probs.append(p_or_nan(logits.detach(), y, source.sequence))
+    finally:
+        for h in hooks:
+            h.remove()
+    total = torch.stack(values).mean(0).sum()
+    gouts = torch.autograd.grad(total, [out for _, _, out in calls])
+    return [(entry, inp, gout.detach()) for (entry, inp, _), gout in zip(calls, gouts)], torch.stack(probs).mean(0)
+
+
+class HookedGradients:
+    """Exact per-sample gradient rows [B, n_params] (`source.param_names` order) from batched hooked
+    forward/backward passes: each covered layer's per-example parameter gradients from its input and output
+    gradient (`LayerAdapter.gradients`), computed in float32 and written once, rounded to `dtype`. Build it with
+    `gradient_rows`, which checks that the layer adapters cover every differentiated parameter."""
+
+    def __init__(self, source: GradientSource, modules: list[tuple[str, nn.Module, object]],
+                 fired: Mapping[int, int], dtype: torch.dtype) -> None:
+        self.source, self.dtype = source, dtype
+        self.sites = {id(adapter.call_site(module)): (name, module, adapter) for name, module, adapter in modules}
+        self.pass_rows = max(1, HOOKED_POSITIONS // max(fired.values()))
+        named = dict(source.model.named_parameters())
+        self.sizes = [named[n].numel() for n in source.param_names]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, masks: Mapping[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = torch.empty(x.shape[0], sum(self.sizes), dtype=self.dtype, device=x.device)
+        probs = []
+        for start in range(0, x.shape[0], self.pass_rows):
+            rows = slice(start, start + self.pass_rows)
+            part_masks = {k: v[rows] for k, v in masks.items()} if self.source.per_example_masks else masks
+            calls, p = hooked_pass(self.source, self.sites, x[rows], y[rows], part_masks)
+            by_name: dict[str, torch.Tensor] = {}
+            for (name, module, adapter), inp, gout in calls:
+                for qualified, g in zip(_qualified(name, adapter.param_names(module)),
+                                        adapter.gradients(module, inp, gout)):
+                    by_name[qualified] = g if qualified not in by_name else by_name[qualified].add_(g)
+            for part, n in zip(flat[rows].split(self.sizes, dim=1), self.source.param_names):
+                part.copy_(by_name.pop(n))
+            probs.append(p)
+        return flat, torch.cat(probs)
+
+
+def _autograd_gradient(source: GradientSource, x: torch.Tensor, y: torch.Tensor,
+                       masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The flat target gradient [n_params] of the batch x (one example) by plain autograd."""
+    params = {n: t.requires_grad_() for n, t in source.params().items()}
+    values = []
+    for m in source.average_masks or (masks,):
+        with masked(source.model, m):
+            logits = functional_call(source.model, {**source.fixed_tensors(), **params}, (x,))
+        values.append(target(logits, y, source.sequence))
+    grads = torch.autograd.grad(torch.stack(values).mean(0).sum(), list(params.values()))
+    return torch.cat([g.flatten() for g in grads])
+
+
+def gradient_rows(source: GradientSource, device: torch.device, dtype: torch.dtype,
+                  probe: tuple[torch.Tensor, torch.Tensor]) -> GradientStep:
+    """Per-sample gradient rows [B, n_params] and p [B] by `HookedGradients` where the layer adapters cover every
+    differentiated parameter through calls that fire on the probe example and give its gradient as autograd does
+    (a parameter also used outside its layer's call would not), else by vmap (`per_sample_gradients`)."""
+    by_vmap = per_sample_gradients(source, device, dtype)
+    modules = _covered_modules(source)
+    fired = _fired_positions(source, modules, probe, device)
+    modules = [(name, module, adapter) for name, module, adapter in modules if id(adapter.call_site(module)) in fired]
+    covered = {q for name, module, adapter in modules for q in _qualified(name, adapter.param_names(module))}
+    if not modules or not covered.issuperset(source.param_names):
+        return by_vmap
+    x, y = probe[0][:1].to(device), probe[1][:1].to(device)
+    masks = source.masks_for(slice(0, 1), device)
+    expected = _autograd_gradient(source, x, y, masks)
+    got = HookedGradients(source, modules, fired, torch.float32)(x, y, masks)[0]
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()) + 1e-12):
+        return by_vmap
+    return HookedGradients(source, modules, fired, dtype)
 
 
 def _columns_bytes(layers: list[KronLayer]) -> int:

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from tda_core.features import GradientSource, all_param_names, compute_features
+from tda_core.features import GradientSource, all_param_names, compute_features, per_sample_gradients
 from tda_core.kron_layers import ExactBlockAdapter, combine_gradient, combine_sketches, positions_features
 from tda_core.models import MLP, MusicTransformer, ResNet9
-from tda_core.projections import DenseProjection, KronProjection
+from tda_core.projections import DenseProjection, HookedGradients, KronProjection, gradient_rows
 from tda_core.objectives import IGNORE, correct_probability, target
 
 
@@ -298,3 +298,56 @@ def test_kron_store_keys_change_only_for_models_with_newly_covered_layers():
     assert scheme(MLP(in_features=12, hidden=(9, 7), n_classes=4)) == {} == scheme(TinyConv()) == scheme(TinySeq())
     assert scheme(_resnet()) == {"kron_cover": KRON_COVER} == scheme(_music())
     assert scheme(with_adapter(_resnet(), EnsembleSpec("lora", lora_rank=2))) == {}
+
+
+@pytest.mark.parametrize("name,model,x,y,sequence", _cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_hooked_gradient_rows_equal_the_autograd_loop(name, model, x, y, sequence):
+    """The dense projection's per-sample gradients from one hooked forward/backward (the layer adapters) are the
+    exact gradients, in several passes per chunk too, for every layer type the adapters cover."""
+    src = GradientSource(model, all_param_names(model), sequence)
+    rows = gradient_rows(src, torch.device("cpu"), torch.float32, (x, y))
+    assert isinstance(rows, HookedGradients)
+    rows.pass_rows = 3
+    assert torch.allclose(rows(x, y, {})[0], _loop_grads(model, x, y, sequence), atol=1e-5, rtol=1e-4)
+
+
+def test_hooked_gradient_rows_under_fixed_per_example_and_averaged_masks():
+    from tda_core.models.dropout import fixed_masks, mask_shapes
+
+    torch.manual_seed(0)
+    model = _music()
+    x, y = _seq_data()
+    names = all_param_names(model)
+    shapes = mask_shapes(model, x[:1])
+    masks = [fixed_masks(shapes, dict.fromkeys(shapes, 0.5), seed) for seed in range(len(x))]
+    per_example = {name: torch.stack([m[name] for m in masks]) for name in shapes}
+    for src in (GradientSource(model, names, True, masks[0]), GradientSource(model, names, True, per_example, True),
+                GradientSource(model, names, True, average_masks=masks[:3])):
+        rows = gradient_rows(src, torch.device("cpu"), torch.float32, (x, y))
+        assert isinstance(rows, HookedGradients)
+        rows.pass_rows = 2
+        chunk = src.masks_for(slice(0, len(x)), torch.device("cpu"))
+        assert torch.allclose(rows(x, y, chunk)[0], per_sample_gradients(src, torch.device("cpu"))(x, y, chunk)[0],
+                              atol=1e-5, rtol=1e-4)
+
+
+class TiedHead(nn.Module):
+    """A Linear whose weight is also used outside its own call (tied to the output): hooks alone miss that use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x) @ self.mix.weight
+
+
+@pytest.mark.parametrize("model", [PartlyCovered(), TiedHead()], ids=["uncovered", "tied"])
+def test_gradient_rows_fall_back_to_vmap_where_hooks_would_miss_a_gradient(model):
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 4, 4) if isinstance(model, PartlyCovered) else torch.randn(5, 6)
+    y = torch.randint(0, 3, (5,))
+    src = GradientSource(model.eval(), all_param_names(model), False)
+    rows = gradient_rows(src, torch.device("cpu"), torch.float32, (x, y))
+    assert not isinstance(rows, HookedGradients)
+    assert torch.allclose(rows(x, y, {})[0], _loop_grads(model, x, y, False), atol=1e-5, rtol=1e-4)

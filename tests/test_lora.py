@@ -80,3 +80,20 @@ def test_batchnorm_scheme_keys_only_models_with_batchnorm(store):
     plain = {"checkpoint": base.key, "rank": 2, "alpha": SPEC.lora_alpha, "epochs": 2, "lr": 0.01,
              "targets": targets, "seed": 7}
     assert key == spec_key({**plain, "batchnorm": BATCHNORM_SCHEME}) != spec_key(plain)
+
+
+def test_lora_member_gradient_rows_by_hooks_equal_vmap(store):
+    """Through peft's LoRA Conv2d and Linear wrappers, the hooked per-sample gradients of the adapter weights (the
+    dense projection's rows) are vmap's."""
+    from tda_core.features import per_sample_gradients
+    from tda_core.projections import HookedGradients, gradient_rows
+
+    dataset = _dataset()
+    member = load_or_finetune_lora(TASK, SPEC, _base(dataset), dataset, store, torch.device("cpu"), seed=7)[0].eval()
+    src = GradientSource(member, all_param_names(member), False)
+    assert all("lora_" in n for n in src.param_names)
+    rows = gradient_rows(src, torch.device("cpu"), torch.float32, (dataset.x_train, dataset.y_train))
+    assert isinstance(rows, HookedGradients)
+    x, y = dataset.x_train[:6], dataset.y_train[:6]
+    assert torch.allclose(rows(x, y, {})[0], per_sample_gradients(src, torch.device("cpu"))(x, y, {})[0],
+                          atol=1e-5, rtol=1e-4)
