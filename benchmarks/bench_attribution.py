@@ -7,7 +7,8 @@ temporary store holding only that checkpoint, so nothing is served from a featur
 the machine's limit (torch.matmul GFLOP/s in float32 and bfloat16, measured in the same run), the dense
 projection's product for candidate chunk sizes, dtypes and thread counts (the fastest, and what the code uses),
 seconds per member with their breakdown, the floor (one forward + backward pass over every training
-example, batched: what any gradient feature costs at least) and each member's ratio to it, and each kernel's achieved GFLOP/s beside the limit (Kronecker with the
+example, batched: what any gradient feature costs at least) and each member's ratio to it, the same floor over the
+training and test examples together (a member differentiates both), and each kernel's achieved GFLOP/s beside the limit (Kronecker with the
 default bfloat16 kernel products, with float32 ones, and with the damping grid `run` tunes over), dattri's
 seconds (cache + attribute), the ratios, and
 how well the score matrices agree (mean per-test Spearman and Pearson correlation; two independent
@@ -148,6 +149,9 @@ def main() -> None:
           f"batches of {floor_batch})")
     print("per member / floor: " + ", ".join(f"{label} {r.costs.serve_now_s / floor_s:.1f}x"
                                             for label, r in results.items()))
+    both_s = floor_s * (ds.n_train + n_test) / ds.n_train
+    print(f"floor of both splits: {both_s:6.2f} s   (the floor's rate over the {ds.n_train} training and {n_test} test "
+          f"examples a member differentiates); kron member / it: {member_s / both_s:.1f}x")
 
     scores = {label: r.scores for label, r in results.items() if label != "kron-grid"}
     if not args.no_dattri:
