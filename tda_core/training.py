@@ -45,7 +45,7 @@ def _keep_freed_memory() -> None:
     """Make glibc's malloc keep freed blocks of up to 32 MB (its largest mmap threshold) for reuse instead of
     handing them back to the OS. torch has no caching allocator on the CPU, so otherwise the large stacked
     activations and gradients of `train_many` come back as fresh zeroed pages every step (ResNet-9, 8 models:
-    24,000 page faults per step, a fifth of its time). Process-wide; a no-op where the C library is not glibc."""
+    15,000-20,000 page faults per step, a sixth of its time). Process-wide; a no-op where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

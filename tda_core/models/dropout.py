@@ -78,7 +78,8 @@ def _keep_threshold(p: float) -> int:
 
 
 def _empty_draws(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """A buffer for uniform draws: raw int32 draws on the CPU in float32 (see `_draw_`), else the default dtype."""
+    """A buffer for uniform draws: int32 for raw draws on the CPU in float32 training (see `_draw_`), else the
+    default dtype."""
     raw = device.type == "cpu" and torch.get_default_dtype() == torch.float32
     return torch.empty(shape, dtype=torch.int32 if raw else None, device=device)
 
