@@ -21,7 +21,8 @@ KERNEL_GROUPS = {
     "matrix products and convolutions": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
                                          "aten::mkldnn_convolution", "aten::convolution_backward",
                                          "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"),
-    "random numbers (masks, shuffles)": ("aten::uniform_", "aten::randperm", "aten::normal_", "aten::bernoulli_"),
+    "random numbers (masks, shuffles)": ("aten::uniform_", "aten::random_", "aten::randperm", "aten::normal_",
+                                         "aten::bernoulli_"),
     "optimizer": ("aten::_fused_sgd_", "aten::_fused_adam_", "aten::_fused_adamw_"),
     "batch gathers": ("aten::index", "aten::index_select", "aten::gather"),
 }

@@ -12,7 +12,9 @@ BatchNorm with per-model running statistics) run it, every other model (the Musi
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +37,21 @@ from .tasks import make_model
 
 MASK_SEED_OFFSET = 1_000_003
 CHECKPOINT_KIND = "checkpoints"
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc `mallopt` parameters
+
+
+@functools.cache
+def _keep_freed_memory() -> None:
+    """Make glibc's malloc keep freed blocks of up to 32 MB (its largest mmap threshold) for reuse instead of
+    handing them back to the OS. torch has no caching allocator on the CPU, so otherwise the large stacked
+    activations and gradients of `train_many` come back as fresh zeroed pages every step (ResNet-9, 8 models:
+    15,000-20,000 page faults per step, a sixth of its time). Process-wide; a no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2 ** 20)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
 
 
 def init_model(task: TaskSpec, seed: int) -> nn.Module:
@@ -175,6 +192,7 @@ def train_many(task: TaskSpec, dataset: Dataset, seeds: Sequence[int],
             report(progress, k + 1, len(seeds), "train models")
         return out
 
+    _keep_freed_memory()
     recipe = task.recipe
     x, y = dataset.x_train.to(device), dataset.y_train.to(device)
     models = [init_model(task, s).to(device) for s in seeds]

@@ -77,6 +77,16 @@ def test_stacked_masks_equal_each_generators_own_draws():
     assert not torch.equal(stacked["drop1"][0], stacked["drop1"][1])
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1, 1 / 3, 0.5, 0.9])
+def test_masks_are_uniform_draws_compared_with_the_rate(p):
+    """The CPU draws raw integers for speed; the masks and the generator's stream stay those of `torch.rand`."""
+    gen, reference_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    masks = draw_masks({"drop1": (40, 50)}, {"drop1": p}, 3, gen)
+    reference = (torch.rand(3, 40, 50, generator=reference_gen) >= p).to(torch.float32) / (1 - p)
+    assert torch.equal(masks["drop1"], reference)
+    assert torch.equal(torch.rand(5, generator=gen), torch.rand(5, generator=reference_gen))
+
+
 @pytest.mark.parametrize("name, kwargs, x_shape", [
     ("mlp", {"in_features": 64}, (5, 1, 8, 8)),
     ("resnet9", {"in_channels": 1, "width": 0.125}, (5, 1, 28, 28)),

@@ -7,8 +7,10 @@ training-set and test-set gradients of a member see the same sub-network on any 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +58,50 @@ def mask_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]
     return shapes
 
 
-def _keep_scaled(uniform: torch.Tensor, p: float) -> torch.Tensor:
-    """Mask from uniform draws: kept (u >= p) units scaled by 1/(1-p), dropped ones 0."""
-    return (uniform >= p).to(torch.float32) / (1.0 - p)
+# torch's CPU `uniform_` makes each float32 from one 32-bit Mersenne Twister draw: (draw & (2**24 - 1)) * 2**-24.
+_UNIFORM_BITS = 24
+
+
+@lru_cache(maxsize=None)
+def _keep_threshold(p: float) -> int:
+    """The least m with float32(m * 2**-24) >= p under torch's comparison: a raw CPU draw is kept iff its low 24
+    bits are at least this (so that it is kept iff `uniform_` would have made it a float >= p)."""
+    def kept(m: int) -> bool:
+        return bool(torch.tensor(m * 2.0 ** -_UNIFORM_BITS, dtype=torch.float32) >= p)
+
+    m = math.ceil(p * 2 ** _UNIFORM_BITS)
+    while m > 0 and kept(m - 1):
+        m -= 1
+    while not kept(m):
+        m += 1
+    return m
+
+
+def _empty_draws(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A buffer for uniform draws: int32 for raw draws on the CPU in float32 training (see `_draw_`), else the
+    default dtype."""
+    raw = device.type == "cpu" and torch.get_default_dtype() == torch.float32
+    return torch.empty(shape, dtype=torch.int32 if raw else None, device=device)
+
+
+def _draw_(draws: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fill `draws` with the generator's next uniform numbers, consuming its stream as `uniform_` does. An int32
+    buffer gets the raw CPU draws (`random_` keeps each draw's low 31 bits), which `_keep_scaled` compares in their
+    low 24 bits as `uniform_` would after scaling them: the same masks, in about half the time."""
+    return draws.random_(generator=generator) if draws.dtype == torch.int32 else draws.uniform_(generator=generator)
+
+
+def _keep_scaled(draws: torch.Tensor, p: float) -> torch.Tensor:
+    """Mask from uniform draws u (raw on the CPU): kept (u >= p) units scaled by 1/(1-p), dropped ones 0."""
+    if draws.dtype == torch.int32:
+        keep = (draws & (2 ** _UNIFORM_BITS - 1)) >= _keep_threshold(p)
+    else:
+        keep = draws >= p
+    return keep.to(torch.float32) / (1.0 - p)
 
 
 def _bernoulli_mask(shape: tuple[int, ...], p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return _keep_scaled(torch.rand(shape, generator=generator, device=device), p)
+    return _keep_scaled(_draw_(_empty_draws(shape, device), generator), p)
 
 
 def draw_masks(shapes: Mapping[str, tuple[int, ...]], rates: Mapping[str, float], batch: int,
@@ -76,11 +115,11 @@ def draw_stacked_masks(shapes: Mapping[str, tuple[int, ...]], rates: Mapping[str
                        generators: Sequence[torch.Generator]) -> dict[str, torch.Tensor]:
     """Masks of K models for one batch, (K, batch, ...) per layer; slice k equals `draw_masks` from generators[k]."""
     device = generators[0].device
-    uniform = {name: torch.empty((len(generators), batch, *shape), device=device) for name, shape in shapes.items()}
+    draws = {name: _empty_draws((len(generators), batch, *shape), device) for name, shape in shapes.items()}
     for k, generator in enumerate(generators):
         for name in shapes:  # the order draw_masks draws in
-            uniform[name][k].uniform_(generator=generator)
-    return {name: _keep_scaled(u, rates[name]) for name, u in uniform.items()}
+            _draw_(draws[name][k], generator)
+    return {name: _keep_scaled(d, rates[name]) for name, d in draws.items()}
 
 
 def fixed_masks(shapes: Mapping[str, tuple[int, ...]], rates: Mapping[str, float], seed: int,
