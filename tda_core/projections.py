@@ -58,7 +58,7 @@ DENSE_CHUNK_BYTES = 1 << 30  # ... at most this many bytes of float32 gradients 
 # batch on a 2-core CPU (benchmarks/bench_attribution.py's floor)
 HOOKED_POSITIONS = 1 << 15
 Step = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
-T = TypeVar("T")
+Entry = TypeVar("Entry")  # what `hooked_pass` returns with each call: a KronLayer, or (name, module, adapter)
 
 
 class FeatureMap(abc.ABC):
@@ -338,13 +338,14 @@ class KronProjection(FeatureMap):
         return phi, p, {"grads_s": t1 - t0, "project_s": time.perf_counter() - t1}
 
 
-def hooked_pass(source: GradientSource, sites: Mapping[int, T], x: torch.Tensor, y: torch.Tensor,
-                masks: Mapping[str, torch.Tensor]) -> tuple[list[tuple[T, torch.Tensor, torch.Tensor]], torch.Tensor]:
+def hooked_pass(source: GradientSource, sites: Mapping[int, Entry], x: torch.Tensor, y: torch.Tensor,
+                masks: Mapping[str, torch.Tensor]
+                ) -> tuple[list[tuple[Entry, torch.Tensor, torch.Tensor]], torch.Tensor]:
     """One batched forward/backward of the summed target (averaged over `source.average_masks` when it has
     them) with forward hooks on the call sites `sites` (module id -> its entry): for every call, (entry, its first
     input, the gradient of the target with respect to its output), and p [B]. In eval mode examples do not
     interact, so each example's rows of these are its own."""
-    calls: list[tuple[T, torch.Tensor, torch.Tensor]] = []
+    calls: list[tuple[Entry, torch.Tensor, torch.Tensor]] = []
 
     def hook(mod, inputs, output):
         calls.append((sites[id(mod)], inputs[0].detach(), output))
@@ -417,20 +418,18 @@ def gradient_rows(source: GradientSource, device: torch.device, dtype: torch.dty
     """Per-sample gradient rows [B, n_params] and p [B] by `HookedGradients` where the layer adapters cover every
     differentiated parameter through calls that fire on the probe example and give its gradient as autograd does
     (a parameter also used outside its layer's call would not), else by vmap (`per_sample_gradients`)."""
-    by_vmap = per_sample_gradients(source, device, dtype)
     modules = _covered_modules(source)
     fired = _fired_positions(source, modules, probe, device)
     modules = [(name, module, adapter) for name, module, adapter in modules if id(adapter.call_site(module)) in fired]
     covered = {q for name, module, adapter in modules for q in _qualified(name, adapter.param_names(module))}
-    if not modules or not covered.issuperset(source.param_names):
-        return by_vmap
-    x, y = probe[0][:1].to(device), probe[1][:1].to(device)
-    masks = source.masks_for(slice(0, 1), device)
-    expected = _autograd_gradient(source, x, y, masks)
-    got = HookedGradients(source, modules, fired, torch.float32)(x, y, masks)[0]
-    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()) + 1e-12):
-        return by_vmap
-    return HookedGradients(source, modules, fired, dtype)
+    if modules and covered.issuperset(source.param_names):
+        x, y = probe[0][:1].to(device), probe[1][:1].to(device)
+        masks = source.masks_for(slice(0, 1), device)
+        expected = _autograd_gradient(source, x, y, masks)
+        got = HookedGradients(source, modules, fired, torch.float32)(x, y, masks)[0]
+        if torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()) + 1e-12):
+            return HookedGradients(source, modules, fired, dtype)
+    return per_sample_gradients(source, device, dtype)
 
 
 def _columns_bytes(layers: list[KronLayer]) -> int:
