@@ -130,6 +130,19 @@ def p_or_nan(logits: torch.Tensor, y: torch.Tensor, sequence: bool) -> torch.Ten
     return correct_probability(logits, y)
 
 
+def mask_mean_target(source: GradientSource, logits_of: Callable[[], torch.Tensor], y: torch.Tensor,
+                     masks: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target [B], p [B]) of a batch, each the mean over one forward pass `logits_of()` per mask set: the
+    source's `average_masks` (dropout-forward) when it has them, else `masks` alone."""
+    values, probs = [], []
+    for m in source.average_masks or (masks,):
+        with masked(source.model, m):
+            logits = logits_of()
+        values.append(target(logits, y, source.sequence))
+        probs.append(p_or_nan(logits.detach(), y, source.sequence))
+    return torch.stack(values).mean(0), torch.stack(probs).mean(0)
+
+
 GradientStep = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -141,14 +154,9 @@ def per_sample_gradients(source: GradientSource, device: torch.device,
     fixed = source.fixed_tensors()
 
     def f(params, x, y, masks):
-        y1 = y.unsqueeze(0)
-        values, probs = [], []
-        for m in source.average_masks or (masks,):
-            with masked(model, m):
-                logits = functional_call(model, {**fixed, **params}, (x.unsqueeze(0),))
-            values.append(target(logits, y1, source.sequence).sum())
-            probs.append(p_or_nan(logits, y1, source.sequence)[0])
-        return torch.stack(values).mean(), torch.stack(probs).mean()
+        value, p = mask_mean_target(source, lambda: functional_call(model, {**fixed, **params}, (x.unsqueeze(0),)),
+                                    y.unsqueeze(0), masks)
+        return value.sum(), p[0]
 
     mask_dims = 0 if source.per_example_masks else None
     per_sample = vmap(grad(f, has_aux=True), in_dims=(None, 0, 0, mask_dims))

@@ -33,10 +33,9 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import UserError
-from .features import (GradientSource, GradientStep, default_chunk, derive_seed, masked, p_or_nan,
+from .features import (GradientSource, GradientStep, default_chunk, derive_seed, mask_mean_target, masked,
                        per_sample_gradients)
 from .kron_layers import KronLayer, adapter_for
-from .objectives import target
 from .registry import Registry
 from .specs import MethodSpec
 
@@ -283,15 +282,12 @@ class KronProjection(FeatureMap):
                  probe: tuple[torch.Tensor, torch.Tensor], hold_bytes: int = 0) -> None:
         self.source = source
         self.k = proj_dim
-        candidates = _covered_modules(source)
-        fired = _fired_positions(source, candidates, probe, device)
+        candidates, fired = _firing_modules(source, probe, device)
         # examples per chunk: the [B, positions, k] sketches of the busiest layer stay near KRON_CHUNK_BYTES
         self.chunk = max(1, min(512, KRON_CHUNK_BYTES // (4 * proj_dim * max(fired.values(), default=1))))
         self.layers: list[KronLayer] = []
         covered: set[str] = set()
         for name, module, adapter in candidates:
-            if id(adapter.call_site(module)) not in fired:  # called functionally (inside nn.MultiheadAttention)
-                continue
             u, v = adapter.sketches(name, module, proj_dim, seed, device)
             self.layers.append(KronLayer(name, module, adapter, u, v))
             covered.update(_qualified(name, adapter.param_names(module)))
@@ -350,21 +346,14 @@ def hooked_pass(source: GradientSource, sites: Mapping[int, Entry], x: torch.Ten
     def hook(mod, inputs, output):
         calls.append((sites[id(mod)], inputs[0].detach(), output))
 
-    model = source.model
-    hooks = [module.register_forward_hook(hook) for module in model.modules() if id(module) in sites]
-    values, probs = [], []
+    hooks = [module.register_forward_hook(hook) for module in source.model.modules() if id(module) in sites]
     try:
-        for m in source.average_masks or (masks,):
-            with masked(model, m):
-                logits = model(x)
-            values.append(target(logits, y, source.sequence))
-            probs.append(p_or_nan(logits.detach(), y, source.sequence))
+        values, p = mask_mean_target(source, lambda: source.model(x), y, masks)
     finally:
         for h in hooks:
             h.remove()
-    total = torch.stack(values).mean(0).sum()
-    gouts = torch.autograd.grad(total, [out for _, _, out in calls])
-    return [(entry, inp, gout.detach()) for (entry, inp, _), gout in zip(calls, gouts)], torch.stack(probs).mean(0)
+    gouts = torch.autograd.grad(values.sum(), [out for _, _, out in calls])
+    return [(entry, inp, gout.detach()) for (entry, inp, _), gout in zip(calls, gouts)], p
 
 
 class HookedGradients:
@@ -404,12 +393,9 @@ def _autograd_gradient(source: GradientSource, x: torch.Tensor, y: torch.Tensor,
                        masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The flat target gradient [n_params] of the batch x (one example) by plain autograd."""
     params = {n: t.requires_grad_() for n, t in source.params().items()}
-    values = []
-    for m in source.average_masks or (masks,):
-        with masked(source.model, m):
-            logits = functional_call(source.model, {**source.fixed_tensors(), **params}, (x,))
-        values.append(target(logits, y, source.sequence))
-    grads = torch.autograd.grad(torch.stack(values).mean(0).sum(), list(params.values()))
+    fixed = source.fixed_tensors()
+    values, _ = mask_mean_target(source, lambda: functional_call(source.model, {**fixed, **params}, (x,)), y, masks)
+    grads = torch.autograd.grad(values.sum(), list(params.values()))
     return torch.cat([g.flatten() for g in grads])
 
 
@@ -418,9 +404,7 @@ def gradient_rows(source: GradientSource, device: torch.device, dtype: torch.dty
     """Per-sample gradient rows [B, n_params] and p [B] by `HookedGradients` where the layer adapters cover every
     differentiated parameter through calls that fire on the probe example and give its gradient as autograd does
     (a parameter also used outside its layer's call would not), else by vmap (`per_sample_gradients`)."""
-    modules = _covered_modules(source)
-    fired = _fired_positions(source, modules, probe, device)
-    modules = [(name, module, adapter) for name, module, adapter in modules if id(adapter.call_site(module)) in fired]
+    modules, fired = _firing_modules(source, probe, device)
     covered = {q for name, module, adapter in modules for q in _qualified(name, adapter.param_names(module))}
     if modules and covered.issuperset(source.param_names):
         x, y = probe[0][:1].to(device), probe[1][:1].to(device)
@@ -452,6 +436,16 @@ def _covered_modules(source: GradientSource) -> list[tuple[str, nn.Module, objec
         if names and all(p in wanted for p in names):
             out.append((name, module, adapter))
     return out
+
+
+def _firing_modules(source: GradientSource, probe: tuple[torch.Tensor, torch.Tensor], device: torch.device
+                    ) -> tuple[list[tuple[str, nn.Module, object]], dict[int, int]]:
+    """The covered modules whose call sites fire on one probe example (a module called functionally, as inside
+    nn.MultiheadAttention, does not), and the positions per example of each call site that fired, by id."""
+    modules = _covered_modules(source)
+    fired = _fired_positions(source, modules, probe, device)
+    firing = [(name, module, adapter) for name, module, adapter in modules if id(adapter.call_site(module)) in fired]
+    return firing, fired
 
 
 def _fired_positions(source: GradientSource, modules: list[tuple[str, nn.Module, object]],
