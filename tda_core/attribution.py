@@ -291,7 +291,7 @@ def _stored_attribution(request: _Request, ctx: Context, t_call: float) -> Attri
     return _attribution(request, by, costs, found.meta["members"], found.meta.get("uncovered", []))
 
 
-def _features(member: Member, method: MethodSpec, dataset: Dataset, ctx: Context,
+def _features(member: Member, method: MethodSpec, dataset: Dataset, ctx: Context, ledger: Ledger,
               feature_map: Callable[[], tuple[FeatureMap, float]], fisher_sample: int | None = None,
               test_pos: torch.Tensor | None = None, with_train: bool = False) -> tuple[Features, dict, int, str, bool]:
     """(features, metadata as recorded at first computation, bytes, key, loaded) of one split, cached: the
@@ -299,9 +299,12 @@ def _features(member: Member, method: MethodSpec, dataset: Dataset, ctx: Context
     distribution, IF's Fisher) or the test positions `test_pos` (`with_train`: computed in the same call as the
     member's training-set features, so a held projection matrix was not generated again for them).
     `feature_map()` gives the member's feature map and the seconds its building took now (0 once built), which
-    are recorded with these features as `setup_s`."""
+    are recorded with these features as `setup_s`. The seconds spent reading or writing them in the store go to
+    `ledger` as `store_s`."""
     kind = FEATURE_KIND if test_pos is None else TEST_FEATURE_KIND
     key = feature_key(member, method, ctx.device, fisher_sample, test_pos)
+
+    compute_s: list[float] = []  # seconds of the computation, when it ran
 
     def compute():
         t0 = time.perf_counter()
@@ -323,9 +326,12 @@ def _features(member: Member, method: MethodSpec, dataset: Dataset, ctx: Context
             f.timings["sample_labels_s"] = sample_s
         meta = {"timings": f.timings, "member": member.description, "k": int(f.phi.shape[1]),
                 "uncovered": list(fmap.uncovered)}
+        compute_s.append(time.perf_counter() - t0)
         return {"phi": f.phi, "p": f.p}, meta | ({"with_train": with_train} if test_pos is not None else {})
 
+    t0 = time.perf_counter()
     art, loaded = ctx.store.get_or_create(kind, key, compute)
+    ledger.add({"store_s": time.perf_counter() - t0 - sum(compute_s)})
     feats = Features(art.tensors["phi"].to(ctx.device), art.tensors["p"].to(ctx.device), art.meta["timings"])
     return feats, art.meta, art.nbytes, key, loaded
 
@@ -352,13 +358,14 @@ def _score_member(member: Member, request: _Request, ctx: Context, ledger: Ledge
 
     train_sets, cached_s, computed = {}, 0.0, False
     for sample in label_sets(method):
-        feats, meta, nbytes, fkey, loaded = _features(member, method, dataset, ctx, feature_map, sample)
+        feats, meta, nbytes, fkey, loaded = _features(member, method, dataset, ctx, ledger, feature_map, sample)
         feature_bytes[fkey] = nbytes
         uncovered.update(dict.fromkeys(meta.get("uncovered", [])))
         train_sets[sample] = feats
         cached_s += _count(ledger, feats.timings, loaded, "cached_train_features_s")
         computed |= not loaded
-    test_f, meta, _, _, loaded = _features(member, method, dataset, ctx, feature_map, None, request.test_pos, computed)
+    test_f, meta, _, _, loaded = _features(member, method, dataset, ctx, ledger, feature_map, None,
+                                            request.test_pos, computed)
     cached_s += _count(ledger, test_f.timings, loaded, "cached_test_features_s")
     # a feature map built (a projection matrix generated) again for the test side alone is not part of the full
     # computation, which builds it once for both sides

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -55,6 +56,27 @@ def test_naive_trak_costs_indices_and_resume(store):
     single = attribute(TINY, dataclasses.replace(method, damping=10.0), EnsembleSpec("naive", I=2), store=store,
                        device="cpu", test_positions=POS)
     assert torch.allclose(single.scores, swept.scores_by_damping[10.0], atol=1e-6)
+
+
+def test_store_seconds_of_features_are_counted_apart_from_their_computation(store, monkeypatch):
+    """A slow store (every write 0.25 s longer) shows up in `store_s`, not in the computation's seconds."""
+    method, ensemble = MethodSpec("trak", "kron", proj_dim=64), EnsembleSpec("naive", I=1)
+    attribute(TINY, method, ensemble, store=store, device="cpu", test_positions=POS)  # the base model, trained
+    fast = attribute(TINY, method, ensemble, store=store, device="cpu", test_positions=POS, dampings=[0.5])
+    assert fast.costs.breakdown["store_s"] < 0.25  # features read back from the store
+    real_save = Store.save
+
+    def slow_save(self, kind, *args, **kwargs):
+        if kind in (FEATURE_KIND, TEST_FEATURE_KIND):
+            time.sleep(0.25)
+        return real_save(self, kind, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "save", slow_save)
+    slow = attribute(TINY, dataclasses.replace(method, seed=1), ensemble, store=store, device="cpu",
+                     test_positions=POS)
+    b = slow.costs.breakdown
+    assert b["store_s"] >= 0.5  # training and test features: two slow writes
+    assert b["grads_s"] + b["project_s"] < 0.25 and slow.costs.serve_s >= b["store_s"]
 
 
 def test_members_sharing_a_dense_projection_generate_it_once(store, tmp_path, monkeypatch):
