@@ -2,21 +2,20 @@
 
 Usage: python -m benchmarks.bench_attribution [--task mnist-mlp] [--k 2048] [--n-test 500] [--no-dattri] [--lds]
                                              [--no-dense] [--seeds N]
-The base model comes from the store (trained once if missing). Each projection runs on a fresh
-temporary store holding only that checkpoint, so nothing is served from a feature cache. Prints
-the machine's limit (torch.matmul GFLOP/s in float32 and bfloat16, measured in the same run), the dense
-projection's product for candidate chunk sizes, dtypes and thread counts (the fastest, and what the code uses),
-seconds per member with their breakdown, the floor (one forward + backward pass over every training
-example, batched: what any gradient feature costs at least) and each member's ratio to it, the same floor over the
-training and test examples together (a member differentiates both), and each kernel's achieved GFLOP/s beside the limit (Kronecker with the
-default bfloat16 kernel products, with float32 ones, and with the damping grid `run` tunes over), dattri's
-seconds (cache + attribute), the ratios, and
-how well the score matrices agree (mean per-test Spearman and Pearson correlation; two independent
-random projections disagree on the ranks of the many near-zero scores, so Pearson is the clearer
-signal of agreement on the large ones). With --lds, also the LDS of every score matrix (ours and dattri's,
-all at relative damping c = 1) against the task's M = 50 ground truth, on the evaluation split of the test set,
-and the serving seconds per member that `run` records (naive I = 1, Dropout I = 1 D = 5, naive I = 2, damping
-tuned over the grid) against the member figures above.
+The base model comes from the store (trained once if missing). Each projection runs on a fresh temporary store
+holding only that checkpoint, so nothing is served from a feature cache. Prints the machine's limit (torch.matmul
+GFLOP/s in float32 and bfloat16, measured in the same run), the dense projection's product for candidate chunk
+sizes, dtypes and thread counts (the fastest, and what the code uses), seconds per member with their breakdown, the
+floor (one forward + backward pass over every training example, batched: what any gradient feature costs at least)
+and each member's ratio to it, the same floor over the training and test examples together (a member differentiates
+both), and each kernel's achieved GFLOP/s beside the limit (Kronecker with the default bfloat16 kernel products,
+with float32 ones, and with the damping grid `run` tunes over), dattri's seconds (cache + attribute), the ratios,
+and how well the score matrices agree (mean per-test Spearman and Pearson correlation; two independent random
+projections disagree on the ranks of the many near-zero scores, so Pearson is the clearer signal of agreement on the
+large ones). With --lds, also the LDS of every score matrix (ours and dattri's, all at relative damping c = 1)
+against the task's M = 50 ground truth, on the evaluation split of the test set, and the serving seconds per member
+that `run` records (naive I = 1, Dropout I = 1 D = 5, naive I = 2, damping tuned over the grid) against the member
+figures above.
 With --seeds N, also the LDS of dense and Kronecker TRAK for projection seeds 0..N-1 (same checkpoint, c = 1):
 whether the two projections differ by more than their seed-to-seed spread.
 """

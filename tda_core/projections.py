@@ -9,7 +9,7 @@ classes; to add a projection, subclass `FeatureMap` here and register it.
 - ``dense``: the per-sample gradients times a seeded Gaussian or Rademacher JL matrix, generated in fixed row
   blocks from (seed, block), held whole when it fits, else regenerated per chunk. The gradients come from one
   batched forward/backward with hooks on the layers (`HookedGradients`, the same layer adapters as ``kron``)
-  when the adapters cover every differentiated parameter and agree with autograd on a probe example, else by vmap;
+  when the adapters cover every differentiated parameter and agree with vmap(grad) on a probe example, else by vmap;
 - ``kron``: every covered layer's inputs and output gradients, captured in one batched forward/backward,
   projected separately and multiplied, summed over positions and layers (tda_core/kron_layers.py): a JL
   projection whose columns are Kronecker products u (x) v (materialised per layer only where weight gradients
@@ -30,7 +30,6 @@ from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .errors import UserError
 from .features import (GradientSource, GradientStep, default_chunk, derive_seed, mask_mean_target, masked,
@@ -389,27 +388,17 @@ class HookedGradients:
         return flat, torch.cat(probs)
 
 
-def _autograd_gradient(source: GradientSource, x: torch.Tensor, y: torch.Tensor,
-                       masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The flat target gradient [n_params] of the batch x (one example) by plain autograd."""
-    params = {n: t.requires_grad_() for n, t in source.params().items()}
-    fixed = source.fixed_tensors()
-    values, _ = mask_mean_target(source, lambda: functional_call(source.model, {**fixed, **params}, (x,)), y, masks)
-    grads = torch.autograd.grad(values.sum(), list(params.values()))
-    return torch.cat([g.flatten() for g in grads])
-
-
 def gradient_rows(source: GradientSource, device: torch.device, dtype: torch.dtype,
                   probe: tuple[torch.Tensor, torch.Tensor]) -> GradientStep:
     """Per-sample gradient rows [B, n_params] and p [B] by `HookedGradients` where the layer adapters cover every
-    differentiated parameter through calls that fire on the probe example and give its gradient as autograd does
+    differentiated parameter through calls that fire on the probe example and give its gradient as vmap(grad) does
     (a parameter also used outside its layer's call would not), else by vmap (`per_sample_gradients`)."""
     modules, fired = _firing_modules(source, probe, device)
     covered = {q for name, module, adapter in modules for q in _qualified(name, adapter.param_names(module))}
     if modules and covered.issuperset(source.param_names):
         x, y = probe[0][:1].to(device), probe[1][:1].to(device)
         masks = source.masks_for(slice(0, 1), device)
-        expected = _autograd_gradient(source, x, y, masks)
+        expected = per_sample_gradients(source, device)(x, y, masks)[0][0]
         got = HookedGradients(source, modules, fired, torch.float32)(x, y, masks)[0]
         if torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()) + 1e-12):
             return HookedGradients(source, modules, fired, dtype)
